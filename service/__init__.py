@@ -1,0 +1,1 @@
+"""mtserve serving side: bundle loading, onnxruntime engine, batcher, HTTP API. Never imports torch."""

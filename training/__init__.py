@@ -1,0 +1,1 @@
+"""mtserve training side: data, trainer, checkpoints, ONNX export, experiments (torch + timm)."""
