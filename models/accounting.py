@@ -43,7 +43,7 @@ def account(
         per_variant = segment_params(seg, unit_params, head_params)
         users = {v: sum(1 for t in seg.assignment.values() if t == v) for v in per_variant}
         total += sum(per_variant.values())
-        specific += sum(p for v, p in per_variant.items() if users[v] < n_tasks or n_tasks == 1 and seg.name == HEAD)
+        specific += sum(p for v, p in per_variant.items() if users[v] < n_tasks or seg.name == HEAD)
         independent += sum(per_variant[v] for v in seg.assignment.values())
     return Accounting(
         total_params=total,

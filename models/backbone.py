@@ -58,7 +58,9 @@ def body_units(model: nn.Module) -> list[Unit]:
     kind = type(model).__name__
     if kind == "ResNet":
         stem, neck = ["conv1", "bn1", "act1", "maxpool"], []
-        stages = [[f"layer{i}.{j}" for j in range(len(model.get_submodule(f"layer{i}")))] for i in range(1, 5)]
+        stages = [
+            [f"layer{i}.{j}" for j in range(len(model.get_submodule(f"layer{i}")))] for i in range(1, 5)
+        ]
     elif kind == "EfficientNet":
         stem, stages, neck = ["conv_stem", "bn1"], _blocks(model, "blocks"), ["conv_head", "bn2"]
     elif kind == "MobileNetV3":

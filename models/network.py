@@ -123,7 +123,10 @@ class MultiTaskNet(nn.Module):
 
     def head_params(self) -> dict[str, int]:
         head = self.segments[-1]
-        return {t: sum(p.numel() for p in head.variants[head.plan.assignment[t]].parameters()) for t in self.task_names}
+        return {
+            t: sum(p.numel() for p in head.variants[head.plan.assignment[t]].parameters())
+            for t in self.task_names
+        }
 
     def accounting(self) -> Accounting:
         return account(self.segment_plans, self.unit_params(), self.head_params())
@@ -134,4 +137,6 @@ def plan_for_proportion(
 ) -> tuple[str, Accounting]:
     """The ``bottom:K``/``top:K`` plan of ``backbone`` whose task-specific proportion is closest to target."""
     net = MultiTaskNet(backbone, tasks, "shared", **timm_kwargs)
-    return closest_cut(kind, net.task_names, [u.name for u in net.units], net.unit_params(), net.head_params(), target)
+    return closest_cut(
+        kind, net.task_names, [u.name for u in net.units], net.unit_params(), net.head_params(), target
+    )

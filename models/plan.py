@@ -107,7 +107,9 @@ def _explicit(plan: Mapping[str, Mapping[str, str]], tasks: Sequence[str], units
     return per_unit
 
 
-def _segments(per_unit: list[dict[str, str]], units: Sequence[str], tasks: Sequence[str]) -> list[SegmentPlan]:
+def _segments(
+    per_unit: list[dict[str, str]], units: Sequence[str], tasks: Sequence[str]
+) -> list[SegmentPlan]:
     groups: list[tuple[list[str], dict[str, str]]] = []
     for unit, assignment in zip(units, per_unit, strict=True):
         if groups and _same_partition(groups[-1][1], assignment):

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:  # an optional part not installed / not built yet
-            if exc.name and exc.name.split(".")[0] in module_name.split(".") + ["training", "service"]:
+            if exc.name and exc.name.split(".")[0] in [*module_name.split("."), "training", "service"]:
                 continue
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
