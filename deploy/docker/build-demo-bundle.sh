@@ -1,0 +1,40 @@
+#!/bin/sh
+# Build the demo bundle into $1 (default /models/bundle) unless a bundle is already there.
+#
+#   build-demo-bundle [OUT]
+#
+# Used by the compose service `bundle-builder` (train image) to fill the `models` volume once:
+# demo data -> train -> export (ONNX, verified against torch) -> atomic rename into place, so
+# the server never sees a half-written bundle. Idempotent: exits 0 at once when OUT holds a
+# manifest.json. Work files go to $MTSERVE_WORK (default: a temporary directory, removed).
+set -eu
+
+OUT="${1:-/models/bundle}"
+CONFIG="${MTSERVE_DEMO_CONFIG:-/opt/mtserve/configs/demo.yaml}"
+
+if [ -f "$OUT/manifest.json" ]; then
+    echo "build-demo-bundle: $OUT/manifest.json exists; nothing to do"
+    exit 0
+fi
+
+WORK="${MTSERVE_WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
+cleanup() { [ -n "${MTSERVE_WORK:-}" ] || rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# The config's relative data paths resolve against the config file's directory, so run
+# against a copy placed next to the generated data.
+cp "$CONFIG" "$WORK/demo.yaml"
+
+echo "build-demo-bundle: generating demo data in $WORK/data"
+mtserve data demo --out "$WORK/data"
+echo "build-demo-bundle: training ($CONFIG)"
+mtserve train --config "$WORK/demo.yaml" --out "$WORK/run"
+# Export next to OUT (same file system) and rename: the bundle appears complete or not at all.
+TMP_OUT="$OUT.partial.$$"
+rm -rf "$TMP_OUT"
+mkdir -p "$(dirname "$OUT")"
+echo "build-demo-bundle: exporting to $OUT"
+mtserve export "$WORK/run" --out "$TMP_OUT"
+mv "$TMP_OUT" "$OUT"
+echo "build-demo-bundle: done: $OUT"
