@@ -1,0 +1,106 @@
+"""Routes of DESIGN.md §5 (except /v2): thin: decode/validate, enqueue, await, answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.inputs import read_images
+from service.runtime import Service, top_k
+from service.schemas import ErrorResponse, PredictResponse, TaskInfo, TaskList
+
+router = APIRouter()
+ERRORS = {c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 429, 503, 504)}
+
+
+def svc(request: Request) -> Service:
+    return request.app.state.service
+
+
+def task_info(s: Service, name: str) -> TaskInfo:
+    spec = s.task(name)
+    shared = [seg.name for seg in s.manifest.segments if seg.shared]
+    return TaskInfo(
+        name=name,
+        labels=list(spec.labels),
+        num_classes=len(spec.labels),
+        input=s.manifest.input.model_dump(),
+        variants=dict(spec.variants),
+        shared_segments=shared,
+    )
+
+
+@router.post(
+    "/predict/{task}",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/webp": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        },
+                    }
+                },
+                "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
+            }
+        }
+    },
+)
+async def predict(request: Request, task: str, top_k_: int | None = Query(None, alias="top_k", ge=1)) -> dict:
+    """Classify one or several images for one task: raw image body, multipart ``file`` parts, or JSON."""
+    s = svc(request)
+    spec = s.task(task)
+    s.admit()
+    deadline = s.deadline()
+    blobs, json_k = await read_images(request, s.settings.max_images_per_request)
+    x = await s.preprocess(blobs)
+    probs = await s.infer(task, x, request, deadline)
+    k = top_k_ or json_k or s.settings.top_k
+    predictions = [{"top_k": top_k(p, spec.labels, k)} for p in probs]
+    return {"task": task, "model_version": s.manifest.version, "predictions": predictions}
+
+
+@router.get("/tasks", response_model=TaskList)
+async def tasks(request: Request) -> TaskList:
+    s = svc(request)
+    m = s.manifest
+    return TaskList(bundle=m.name, version=m.version, plan=m.plan, tasks=[task_info(s, t) for t in m.tasks])
+
+
+@router.get("/tasks/{task}", response_model=TaskInfo, responses={404: {"model": ErrorResponse}})
+async def task(request: Request, task: str) -> TaskInfo:
+    return task_info(svc(request), task)
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 once the bundle is loaded and every variant warmed up; 503 before and while draining."""
+    s = svc(request)
+    body = {
+        "status": "ready" if s.ready and not s.draining else ("draining" if s.draining else "loading"),
+        "bundle": s.manifest.name,
+        "version": s.manifest.version,
+        "device": s.settings.device,
+        "providers": s.engine.providers,
+    }
+    if s.failed:
+        body |= {"status": "failed", "error": s.failed}
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(svc(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

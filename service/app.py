@@ -1,0 +1,68 @@
+"""The app factory: ``create_app(settings, engine=None)``.
+
+Without an engine it loads and verifies the bundle now (errors name the file and the field) and
+builds an onnxruntime engine, whose sessions are created and warmed up in the background once the
+app starts; ``/readyz`` answers 503 until then. Tests pass a fake engine (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import api, errors, v2
+from service.bundle import load_bundle
+from service.engine import Engine, OrtEngine
+from service.inputs import BodyLimit
+from service.metrics import RequestMetrics
+from service.runtime import Service
+from service.settings import Settings
+
+log = logging.getLogger("mtserve")
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Verify the bundle (raises BundleError) and build the onnxruntime engine (not started)."""
+    bundle = load_bundle(settings.bundle, verify_sha256=settings.verify_sha256)
+    warmup = sorted({1, settings.max_batch_size}) if settings.warmup else []
+    return OrtEngine(
+        bundle,
+        device=settings.device,
+        threads=settings.intra_op_threads(),
+        device_id=settings.device_id,
+        warmup_batch_sizes=warmup,
+    )
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, on_fatal: Callable[[str], None] | None = None
+) -> FastAPI:
+    """The FastAPI app. ``on_fatal(message)`` is called if the engine cannot start."""
+    engine = engine if engine is not None else build_engine(settings)
+    service = Service(settings, engine, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    m = service.manifest
+    app = FastAPI(
+        title="mtserve",
+        summary=f"Multi-task image classification: bundle {m.name} {m.version}, tasks {', '.join(m.tasks)}",
+        version=v2._version(),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    errors.install(app)
+    app.include_router(api.router)
+    app.include_router(v2.router)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
+    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every status
+    return app

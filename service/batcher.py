@@ -1,0 +1,296 @@
+"""The scheduler: one owner of the queue, one future per request, one executor thread per device.
+
+A request becomes a :class:`Job` (its rows, its task, its deadline, its future). Jobs wait in one
+FIFO per task. :func:`collect` forms a batch of up to ``max_rows`` rows, max-min fair across tasks
+(round robin in shrinking quanta, starting from a rotating task), splitting a job across batches
+when needed; it drops jobs whose client left and answers 504 for jobs whose deadline passed,
+before computing anything. :class:`Batcher` runs the loop: wait for the first row, wait up to
+``max_wait_ms`` (counted from the oldest row) for a full batch, collect, run the engine in its
+executor thread, hand each job its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.plan import group_rows
+from service.engine import Engine, SegmentRun
+from service.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
+
+log = logging.getLogger("mtserve.batcher")
+
+
+@dataclass(eq=False)
+class Job:
+    task: str
+    x: np.ndarray  # [n, C, H, W] float32, preprocessed
+    future: asyncio.Future
+    deadline: float  # time.monotonic()
+    enqueued: float = field(default_factory=time.monotonic)
+    taken: int = 0  # rows handed to batches so far
+    done: int = 0  # rows computed so far
+    out: list[np.ndarray | None] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def left(self) -> int:
+        return self.rows - self.taken
+
+
+@dataclass
+class Batch:
+    slices: list[tuple[Job, int, int]] = field(default_factory=list)  # (job, first row, end row)
+    expired: list[Job] = field(default_factory=list)
+    skipped: list[Job] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(b - a for _, a, b in self.slices)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [job.task for job, a, b in self.slices for _ in range(b - a)]
+
+
+def _take(queue: deque[Job], want: int, now: float, batch: Batch) -> int:
+    """Take up to ``want`` rows from the head of one task's queue; return how many were taken."""
+    got = 0
+    while queue and got < want:
+        job = queue[0]
+        if job.future.done():  # client left (cancelled) or already answered
+            queue.popleft()
+            batch.skipped.append(job)
+            continue
+        if job.taken == 0 and job.deadline <= now:
+            queue.popleft()
+            batch.expired.append(job)
+            continue
+        n = min(job.left, want - got)
+        batch.slices.append((job, job.taken, job.taken + n))
+        job.taken += n
+        got += n
+        if job.left == 0:
+            queue.popleft()
+    return got
+
+
+def collect(
+    queues: dict[str, deque[Job]], max_rows: int, now: float, start: int = 0, per_task: bool = False
+) -> Batch:
+    """Form one batch from per-task FIFOs (in ``queues`` order, beginning at index ``start``).
+
+    cross-task: max-min fair shares: every round gives each task with rows waiting an equal quantum
+    of the capacity left, so a flood on one task cannot starve another. per-task: the first task
+    (from ``start``) with rows waiting fills the batch alone.
+    """
+    batch = Batch()
+    names = list(queues)
+    order = names[start % len(names) :] + names[: start % len(names)] if names else []
+    if per_task:
+        for task in order:
+            if _take(queues[task], max_rows, now, batch):
+                break
+        return batch
+    active = [t for t in order if queues[t]]
+    capacity = max_rows
+    while capacity > 0 and active:
+        quantum = max(1, capacity // len(active))
+        still = []
+        for task in active:
+            if capacity == 0:
+                still.append(task)
+                continue
+            got = _take(queues[task], min(quantum, capacity), now, batch)
+            capacity -= got
+            if queues[task]:
+                still.append(task)
+        active = still
+    return batch
+
+
+def softmax_rows(logits: Sequence[np.ndarray], tasks: Sequence[str]) -> list[np.ndarray]:
+    """Softmax per row (rows of one task stacked: one vectorised call per task); NaN-free."""
+    out: list[np.ndarray] = [None] * len(tasks)  # type: ignore[list-item]
+    for _, rows in group_rows(tasks):
+        z = np.stack([logits[r] for r in rows]).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        z = np.nan_to_num(z, nan=0.0)
+        for j, r in enumerate(rows):
+            out[r] = z[j]
+    return out
+
+
+Observer = Callable[[Sequence[SegmentRun]], None]
+
+
+class Batcher:
+    """Owns the queue and the device's executor thread; ``submit`` + ``wait`` from the routes."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tasks: Sequence[str],
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        queue_size: int = 1024,
+        per_task: bool = False,
+        observe_segments: Observer | None = None,
+        observe_queue: Callable[[str, float], None] | None = None,
+    ):
+        self.engine = engine
+        self.queues: dict[str, deque[Job]] = {t: deque() for t in tasks}
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.per_task = per_task
+        self.observe_segments = observe_segments
+        self.observe_queue = observe_queue
+        self.queued_rows = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtserve-engine")
+        self._start = 0
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- admission ----------------------------------------------------------------------------
+    def submit(self, task: str, x: np.ndarray, deadline: float) -> Job:
+        """Queue a request's rows; 429 at once when the queue is full, 503 when stopping."""
+        if self._stopping:
+            raise NotReady("the server is shutting down")
+        n = int(x.shape[0])
+        if self.queued_rows + n > self.queue_size:
+            raise QueueFull(f"queue full ({self.queued_rows} of {self.queue_size} rows waiting)")
+        job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
+        job.out = [None] * n
+        self.queues[task].append(job)
+        self.queued_rows += n
+        self._wakeup.set()
+        return job
+
+    async def wait(self, job: Job, disconnected: Awaitable | None = None) -> list[np.ndarray]:
+        """The job's probabilities per row. 504 if its deadline passes before it was batched;
+        if the client leaves (``disconnected`` completes) the job is cancelled and skipped."""
+        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
+        try:
+            waiting = {job.future} | ({watcher} if watcher else set())
+            while True:
+                timeout = job.deadline - time.monotonic() if job.taken == 0 else None
+                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if job.future in done:
+                    return job.future.result()
+                if watcher is not None and watcher in done:
+                    job.future.cancel()
+                    raise ClientClosed("client disconnected")
+                if job.taken == 0:  # deadline passed while still queued: never computed
+                    job.future.cancel()
+                    raise DeadlineExceeded(
+                        f"deadline passed after {time.monotonic() - job.enqueued:.3f} s queued"
+                    )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not job.future.done():
+                job.future.cancel()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="mtserve-batcher")
+
+    async def stop(self) -> None:
+        """Stop admitting, finish every admitted job, stop the executor."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        self.executor.shutdown(wait=True)
+
+    def _oldest(self) -> float | None:
+        heads = [q[0].enqueued for q in self.queues.values() if q]
+        return min(heads) if heads else None
+
+    async def _fill(self) -> None:
+        """Wait until a batch is full or the oldest waiting row has waited ``max_wait``."""
+        while self.queued_rows < self.max_batch_size and not self._stopping:
+            oldest = self._oldest()
+            if oldest is None:
+                return
+            left = oldest + self.max_wait - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), left)
+
+    async def _run(self) -> None:
+        while True:
+            if self.queued_rows <= 0:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                await self._step()
+            except Exception:  # a bug here must not stop the loop and hang every request
+                log.exception("batcher step failed")
+                await asyncio.sleep(0.001)
+
+    async def _step(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self._fill()
+        now = time.monotonic()
+        batch = collect(self.queues, self.max_batch_size, now, self._start, self.per_task)
+        self._start += 1
+        self.queued_rows -= batch.rows + sum(j.left for j in batch.expired + batch.skipped)
+        for job in batch.expired:
+            if not job.future.done():
+                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+        if not batch.slices:
+            return
+        if self.observe_queue is not None:
+            for job, a, _ in batch.slices:
+                if a == 0:
+                    self.observe_queue(job.task, now - job.enqueued)
+        try:
+            probs = await loop.run_in_executor(self.executor, self._compute, batch)
+        except Exception as exc:  # an engine failure fails this batch, never the loop
+            log.exception("batch of %d rows failed", batch.rows)
+            for job, _, _ in batch.slices:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self._deliver(batch, probs)
+
+    def _compute(self, batch: Batch) -> list[np.ndarray]:
+        """Runs in the executor thread: concatenate, infer, softmax."""
+        parts = [job.x[a:b] for job, a, b in batch.slices]
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        tasks = batch.tasks
+        logits, runs = self.engine.infer(x, tasks)
+        if self.observe_segments is not None:
+            self.observe_segments(runs)
+        return softmax_rows(logits, tasks)
+
+    @staticmethod
+    def _deliver(batch: Batch, probs: list[np.ndarray]) -> None:
+        i = 0
+        for job, a, b in batch.slices:
+            job.out[a:b] = probs[i : i + b - a]
+            i += b - a
+            job.done += b - a
+            if job.done == job.rows and not job.future.done():
+                job.future.set_result(job.out)

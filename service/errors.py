@@ -1,0 +1,122 @@
+"""Errors the service can answer with, and the ONE table mapping them to HTTP status codes.
+
+Routes never catch: they raise these, and the handlers installed by :func:`install` answer
+``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("mtserve")
+
+
+class ServiceError(Exception):
+    """Base class: an answer to the client, not a bug."""
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class UnknownTask(ServiceError):
+    pass
+
+
+class UnsupportedMediaType(ServiceError):
+    pass
+
+
+class InvalidInput(ServiceError):
+    """Undecodable image, malformed JSON or tensor, bad parameter."""
+
+
+class PayloadTooLarge(ServiceError):
+    """Body, pixel count or image count over its limit."""
+
+
+class QueueFull(ServiceError):
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
+class DeadlineExceeded(ServiceError):
+    pass
+
+
+class NotReady(ServiceError):
+    pass
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its answer was ready (nobody reads the response)."""
+
+
+class BundleError(ValueError):
+    """A bundle that must not be served; the message names the file and the field."""
+
+
+# exception type -> (HTTP status, error code). The first matching class (in MRO order) wins.
+STATUS: dict[type[BaseException], tuple[int, str]] = {
+    UnknownTask: (404, "unknown_task"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    InvalidInput: (422, "invalid_input"),
+    RequestValidationError: (422, "invalid_input"),
+    PayloadTooLarge: (413, "payload_too_large"),
+    QueueFull: (429, "queue_full"),
+    DeadlineExceeded: (504, "deadline_exceeded"),
+    NotReady: (503, "not_ready"),
+    ClientClosed: (499, "client_closed_request"),
+}
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    """The status and code for an exception; anything unexpected is a 500 ``internal``."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500, "internal"
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, RequestValidationError):
+        parts = []
+        for e in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in e.get("loc", ()))
+            parts.append(f"{loc}: {e.get('msg', '')}")
+        return "; ".join(parts) or "invalid request"
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
+async def handle(request: Request, exc: Exception) -> JSONResponse:
+    status, code = status_of(exc)
+    if status == 500:
+        log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        return error_response(500, "internal", "internal error")
+    return error_response(status, code, _message(exc), getattr(exc, "headers", None))
+
+
+async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (404 route not found, 405 ...) in the same JSON shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers: one for the table above, one for Starlette's HTTP errors, one catch-all."""
+    for cls in STATUS:
+        app.add_exception_handler(cls, handle)
+    app.add_exception_handler(StarletteHTTPException, handle_http)
+    app.add_exception_handler(Exception, handle)

@@ -1,0 +1,128 @@
+"""Decode and preprocess images exactly like timm's eval transform for the manifest's input spec.
+
+timm ``transforms_imagenet_eval`` (crop_mode "center"): resize the shorter side to
+``floor(size / crop_pct)`` with the manifest's interpolation (torchvision rounding), center crop
+to the size (torchvision's rounding, zero padding if smaller), to float / 255, normalise.
+Runs in a thread pool: Pillow releases the GIL while decoding and resizing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+from PIL import Image
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.manifest import InputSpec
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def _resize_size(w: int, h: int, spec: InputSpec) -> tuple[int, int]:
+    """Target (w, h) of the resize step, as timm + torchvision compute it."""
+    _, th, tw = spec.size
+    sh, sw = math.floor(th / spec.crop_pct), math.floor(tw / spec.crop_pct)
+    if spec.crop_mode == "squash":
+        return sw, sh
+    if sh == sw:  # torchvision Resize(int): shorter side to size, longer side truncated
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = sh, int(sh * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+    # timm ResizeKeepRatio: shortest edge to its target ("center"), longest edge ("border")
+    ratios = (h / sh, w / sw)
+    ratio = max(ratios) if spec.crop_mode == "border" else min(ratios)
+    return round(w / ratio), round(h / ratio)
+
+
+def _center_crop(img: Image.Image, th: int, tw: int, fill: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
+    w, h = img.size
+    if w < tw or h < th:  # torchvision pads (zeros; timm "border" mode: the mean), then crops
+        padded = Image.new(img.mode, (max(w, tw), max(h, th)), fill)
+        padded.paste(img, ((max(w, tw) - w) // 2, (max(h, th) - h) // 2))
+        img, (w, h) = padded, padded.size
+    top = round((h - th) / 2.0)
+    left = round((w - tw) / 2.0)
+    return img.crop((left, top, left + tw, top + th))
+
+
+def transform(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """RGB PIL image -> float32 [3, H, W], normalised."""
+    _, th, tw = spec.size
+    size = _resize_size(img.width, img.height, spec)
+    if size != img.size:
+        img = img.resize(size, RESAMPLE.get(spec.interpolation, Image.Resampling.BILINEAR))
+    fill = tuple(round(255 * v) for v in spec.mean) if spec.crop_mode == "border" else (0, 0, 0)
+    img = _center_crop(img, th, tw, fill)
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> RGB image. 413 over ``max_pixels`` (checked before decoding), 422 if undecodable."""
+    if not data:
+        raise InvalidInput("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise PayloadTooLarge(
+                    f"image of {img.width}x{img.height} pixels is over the limit of {max_pixels}"
+                )
+            img.load()
+            return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image over the pixel limit: {exc}") from None
+    except (PayloadTooLarge, InvalidInput):
+        raise
+    except Image.UnidentifiedImageError:
+        raise InvalidInput("cannot decode image: not an image format Pillow knows") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+        raise InvalidInput(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+def load_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    return transform(decode(data, max_pixels), spec)
+
+
+class Preprocessor:
+    """Decode + transform in a thread pool; reports each image's time to ``observe``."""
+
+    def __init__(
+        self, spec: InputSpec, pool: Executor, max_pixels: int, observe: Callable[[float], None] | None = None
+    ):
+        self.spec = spec
+        self.pool = pool
+        self.max_pixels = max_pixels
+        self.observe = observe
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb guard, at 2x this it raises
+
+    def _one(self, data: bytes) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            return load_image(data, self.spec, self.max_pixels)
+        finally:
+            if self.observe is not None:
+                self.observe(time.perf_counter() - t0)
+
+    async def __call__(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """Encoded images -> float32 [N, 3, H, W]."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, self._one, b) for b in blobs))
+        return np.stack(arrays)

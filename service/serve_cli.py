@@ -1,0 +1,87 @@
+"""``mtserve serve BUNDLE``: one uvicorn process, one device, one batcher.
+
+Every option is also an ``MTSERVE_*`` environment variable (flags win). SIGTERM/SIGINT: stop
+admitting (503), finish every admitted request, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from service.settings import Settings
+
+# flag -> (settings field, type, help)
+OPTIONS: dict[str, tuple[str, type, str]] = {
+    "--host": ("host", str, "interface to bind (default 0.0.0.0)"),
+    "--port": ("port", int, "TCP port (default 8000)"),
+    "--device": ("device", str, "cpu or cuda (default cpu)"),
+    "--device-id": ("device_id", int, "CUDA device ordinal (default 0)"),
+    "--threads": ("threads", int, "onnxruntime intra-op threads (default: the CPUs available)"),
+    "--max-batch-size": ("max_batch_size", int, "rows per batch (default 32)"),
+    "--max-wait-ms": ("max_wait_ms", float, "how long a batch waits to fill (default 2)"),
+    "--queue-size": ("queue_size", int, "rows waiting before 429 (default 1024)"),
+    "--timeout-ms": ("timeout_ms", float, "request deadline; past it 504 (default 10000)"),
+    "--max-body-mb": ("max_body_mb", float, "request body limit in MiB (default 16)"),
+    "--max-images-per-request": ("max_images_per_request", int, "images per request (default 64)"),
+    "--max-pixels": ("max_pixels", int, "decoded pixels per image (default 40M)"),
+    "--batching": ("batching", str, "cross-task (default) or per-task (the per-model baseline)"),
+    "--preprocess-workers": ("preprocess_workers", int, "decode threads (default: the CPUs available)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", nargs="?", help="bundle directory (or MTSERVE_BUNDLE)")
+    for flag, (field, typ, text) in OPTIONS.items():
+        env = "MTSERVE_" + field.upper()
+        choices = {"--device": ["cpu", "cuda"], "--batching": ["cross-task", "per-task"]}.get(flag)
+        parser.add_argument(flag, dest=field, type=typ, choices=choices, help=f"{text}; env {env}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line, then MTSERVE_* variables, then defaults."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = settings_from(args)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)  # verifies the bundle: BundleError -> exit 2
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            service.draining = True  # new requests: 503; admitted ones finish before the lifespan ends
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=None,
+        workers=1,
+    )
+    server = Server(config)
+    server.run()
+    if fatal:
+        logging.getLogger("mtserve").error("exiting: %s", fatal[0])
+        return 1
+    return 0

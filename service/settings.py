@@ -1,0 +1,55 @@
+"""Server settings: one typed object, read once at the edge (CLI flags or MTSERVE_* variables)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota if any."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+class Settings(BaseSettings):
+    """Every field is also an environment variable: ``MTSERVE_<FIELD>`` (e.g. ``MTSERVE_MAX_WAIT_MS``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MTSERVE_", extra="ignore")
+
+    bundle: Path = Field(description="bundle directory (manifest.json + segments/)")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_id: int = Field(0, ge=0, description="CUDA device ordinal")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = CPUs available")
+    max_batch_size: int = Field(32, ge=1, description="rows per batch through the model")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill after its first row")
+    queue_size: int = Field(1024, ge=1, description="rows admitted but not yet batched; beyond: 429")
+    timeout_ms: float = Field(10_000, gt=0, description="deadline per request; past it: 504, never computed")
+    max_body_mb: float = Field(16.0, gt=0, description="request body limit; beyond: 413")
+    max_images_per_request: int = Field(64, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1, description="decoded width*height per image; beyond: 413")
+    top_k: int = Field(5, ge=1, description="default top_k of /predict")
+    batching: Literal["cross-task", "per-task"] = Field(
+        "cross-task", description="per-task: every batch holds one task (the per-model baseline)"
+    )
+    preprocess_workers: int = Field(0, ge=0, description="decode/preprocess threads; 0 = CPUs available")
+    warmup: bool = True
+    verify_sha256: bool = True
+
+    def intra_op_threads(self) -> int:
+        return self.threads or available_cpus()
+
+    def decode_workers(self) -> int:
+        return self.preprocess_workers or available_cpus()

@@ -1,0 +1,233 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton HTTP): health, metadata, ready, infer.
+
+A model is a task. Inputs: ``input`` FP32 ``[N, 3, H, W]`` already preprocessed, or ``image``
+BYTES ``[N]`` of encoded images (base64 or raw strings in JSON; length-prefixed in Triton's binary
+tensor extension). Output ``probabilities`` FP32 ``[N, C]``; with the ``classification``
+parameter, BYTES ``[N, k]`` of ``"score:index:label"`` strings, the way Triton does.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service.api import ERRORS, svc
+from service.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
+from service.inputs import b64decode
+from service.runtime import Service
+from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _version() -> str:
+    try:
+        return version("mtserve")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _check_version(s: Service, task: str, model_version: str | None) -> None:
+    if model_version is not None and model_version != s.manifest.version:
+        raise UnknownTask(f"model {task!r} has no version {model_version!r}; it has {s.manifest.version!r}")
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[V2InferRequest, bytes]:
+    """The JSON header (the whole body unless the binary tensor extension is used) and the binary part."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} does not fit a body of {len(body)} bytes")
+        body, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        return V2InferRequest.model_validate(json.loads(body)), binary
+    except (ValueError, ValidationError) as exc:
+        raise InvalidInput(f"inference request: {str(exc).splitlines()[0]}") from None
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """Triton's BYTES serialisation: each element a 4-byte little-endian length, then the bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidInput("BYTES tensor: truncated length prefix")
+        n = int.from_bytes(raw[i : i + 4], "little")
+        out.append(raw[i + 4 : i + 4 + n])
+        i += 4 + n
+    if i != len(raw):
+        raise InvalidInput("BYTES tensor: truncated element")
+    return out
+
+
+def _flatten(data) -> list:
+    if not isinstance(data, list):
+        raise InvalidInput("BYTES tensor: data must be a list")
+    out = []
+    for d in data:
+        out.extend(_flatten(d) if isinstance(d, list) else [d])
+    return out
+
+
+def read_input(s: Service, req: V2InferRequest, binary: bytes) -> tuple[np.ndarray | None, list[bytes]]:
+    """(preprocessed tensor, None) for FP32, (None, encoded images) for BYTES; 422/413 otherwise."""
+    if len(req.inputs) != 1:
+        raise InvalidInput(f"expected one input ('input' FP32 or 'image' BYTES), got {len(req.inputs)}")
+    t = req.inputs[0]
+    size = (t.parameters or {}).get("binary_data_size")
+    raw = None
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise InvalidInput(f"input {t.name!r}: binary_data_size {size!r} does not fit the binary data")
+        raw = binary[:size]
+    limit = s.settings.max_images_per_request
+    n = t.shape[0] if t.shape else 0
+    if n > limit:
+        raise PayloadTooLarge(f"{n} images in one request; the limit is {limit}")
+    if n < 1:
+        raise InvalidInput(f"input {t.name!r}: shape {t.shape} has no rows")
+    if t.datatype == "FP32":
+        want = [n, *s.manifest.input.size]
+        if list(t.shape) != want:
+            raise InvalidInput(f"input {t.name!r}: shape {t.shape}, expected {want}")
+        try:
+            x = np.frombuffer(raw, "<f4") if raw is not None else np.asarray(t.data, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"input {t.name!r}: data is not an FP32 tensor ({exc})") from None
+        if x.size != int(np.prod(want)):
+            raise InvalidInput(f"input {t.name!r}: {x.size} values for shape {want}")
+        x = x.reshape(want).astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise InvalidInput(f"input {t.name!r}: NaN or infinite values")
+        return np.ascontiguousarray(x), []
+    if t.datatype == "BYTES":
+        if raw is not None:
+            blobs = _bytes_elements(raw)
+        else:
+            items = _flatten(t.data)
+            if not all(isinstance(v, str) for v in items):
+                raise InvalidInput(f"input {t.name!r}: BYTES data must be strings")
+            blobs = [_decode_string(v) for v in items]
+        if len(blobs) != int(np.prod(t.shape)) or len(blobs) != n:
+            raise InvalidInput(
+                f"input {t.name!r}: {len(blobs)} elements for shape {t.shape}; use [N] or [N, 1]"
+            )
+        return None, blobs
+    raise InvalidInput(f"input {t.name!r}: datatype {t.datatype!r} unsupported; use FP32 or BYTES")
+
+
+def _decode_string(v: str) -> bytes:
+    """A BYTES element in JSON: base64 (data: URLs too); failing that, the string's own bytes."""
+    try:
+        return b64decode(v)
+    except InvalidInput:
+        return v.encode("utf-8", "surrogateescape")
+
+
+def requested_outputs(req: V2InferRequest) -> list[int | None]:
+    """Per requested output: its ``classification`` k, or None for the full FP32 tensor (checked
+    before anything is computed)."""
+    plan: list[int | None] = []
+    for o in req.outputs or [None]:
+        if o is not None and o.name != "probabilities":
+            raise InvalidInput(f"unknown output {o.name!r}; the output is 'probabilities'")
+        k = (o.parameters or {}).get("classification") if o is not None else None
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise InvalidInput(f"output parameter classification must be a positive integer, got {k!r}")
+        plan.append(k)
+    return plan
+
+
+def build_outputs(plan: list[int | None], probs: list[np.ndarray], labels: list[str]) -> list[dict]:
+    p = np.stack(probs).astype(np.float32)
+    out = []
+    for k in plan:
+        if k is None:
+            out.append(
+                {
+                    "name": "probabilities",
+                    "shape": list(p.shape),
+                    "datatype": "FP32",
+                    "data": p.ravel().tolist(),
+                }
+            )
+            continue
+        k = min(k, p.shape[1])
+        idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        data = [f"{p[r, i]:f}:{i}:{labels[i]}" for r in range(p.shape[0]) for i in idx[r]]
+        out.append({"name": "probabilities", "shape": [p.shape[0], k], "datatype": "BYTES", "data": data})
+    return out
+
+
+@router.get("/health/live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", responses=ERRORS)
+async def ready(request: Request) -> dict:
+    svc(request).admit()
+    return {"ready": True}
+
+
+@router.get("", response_model=V2ServerMetadata)
+async def server_metadata() -> V2ServerMetadata:
+    return V2ServerMetadata(
+        name="mtserve", version=_version(), extensions=["classification", "binary_tensor_data"]
+    )
+
+
+@router.get("/models/{task}", response_model=V2ModelMetadata, responses=ERRORS)
+@router.get("/models/{task}/versions/{model_version}", response_model=V2ModelMetadata, responses=ERRORS)
+async def model_metadata(request: Request, task: str, model_version: str | None = None) -> V2ModelMetadata:
+    s = svc(request)
+    spec = s.task(task)
+    _check_version(s, task, model_version)
+    return V2ModelMetadata(
+        name=task,
+        versions=[s.manifest.version],
+        platform="onnxruntime_onnx",
+        inputs=[
+            {"name": "input", "datatype": "FP32", "shape": [-1, *s.manifest.input.size]},
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+        ],
+        outputs=[{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]}],
+    )
+
+
+@router.get("/models/{task}/ready", responses=ERRORS)
+@router.get("/models/{task}/versions/{model_version}/ready", responses=ERRORS)
+async def model_ready(request: Request, task: str, model_version: str | None = None) -> dict:
+    s = svc(request)
+    s.task(task)
+    _check_version(s, task, model_version)
+    if not s.ready or s.draining:
+        raise NotReady(s.failed or ("draining" if s.draining else "loading"))
+    return {"name": task, "ready": True}
+
+
+@router.post("/models/{task}/infer", response_model=V2InferResponse, responses=ERRORS)
+@router.post(
+    "/models/{task}/versions/{model_version}/infer", response_model=V2InferResponse, responses=ERRORS
+)
+async def infer(request: Request, task: str, model_version: str | None = None) -> JSONResponse:
+    """Classify an FP32 tensor (preprocessed) or BYTES encoded images for one task."""
+    s = svc(request)
+    spec = s.task(task)
+    _check_version(s, task, model_version)
+    s.admit()
+    deadline = s.deadline()
+    req, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    x, blobs = read_input(s, req, binary)
+    plan = requested_outputs(req)
+    if x is None:
+        x = await s.preprocess(blobs)
+    probs = await s.infer(task, x, request, deadline)
+    outputs = build_outputs(plan, probs, spec.labels)
+    body = {"model_name": task, "model_version": s.manifest.version, "id": req.id, "outputs": outputs}
+    return JSONResponse(body)
