@@ -1,0 +1,256 @@
+"""The batch collector (a pure function on plain queues) and the Batcher loop on a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, Job, collect
+from service.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
+from tests.fakes import FakeEngine
+
+TASKS = ["digits", "animals", "shapes"]
+
+
+def rows(n: int, value: float = 0.0) -> np.ndarray:
+    return np.full((n, 3, 32, 32), value, dtype=np.float32)
+
+
+# -- collect(): plain queues, no event loop running ---------------------------------------------
+class _Future:
+    def __init__(self, done: bool = False):
+        self._done = done
+
+    def done(self) -> bool:
+        return self._done
+
+
+def job(task: str, n: int = 1, deadline: float = 1e18, cancelled: bool = False) -> Job:
+    return Job(task, rows(n), _Future(cancelled), deadline)  # type: ignore[arg-type]
+
+
+def queues(pending: dict[str, list[int]], **kw) -> dict[str, deque[Job]]:
+    return {t: deque(job(t, n, **kw) for n in pending.get(t, [])) for t in TASKS}
+
+
+def per_task(batch) -> Counter:
+    return Counter({t: 0 for t in TASKS}) + Counter(batch.tasks)
+
+
+def max_min_fair(pending: dict[str, int], capacity: int) -> dict[str, int]:
+    """Reference water-filling: the largest level L with sum(min(p, L)) <= capacity, then remainders."""
+    alloc = dict.fromkeys(pending, 0)
+    left = capacity
+    while left > 0 and any(alloc[t] < pending[t] for t in pending):
+        active = [t for t in pending if alloc[t] < pending[t]]
+        q = max(1, left // len(active))
+        for t in active:
+            take = min(q, pending[t] - alloc[t], left)
+            alloc[t] += take
+            left -= take
+    return alloc
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 8, 32])
+def test_flush_at_size(max_rows):
+    q = queues({"digits": [1] * 40})
+    batch = collect(q, max_rows, now=0.0)
+    assert batch.rows == max_rows
+    assert sum(j.left for j in q["digits"]) == 40 - max_rows
+
+
+@pytest.mark.parametrize("max_rows", [4, 8, 16, 64])
+@pytest.mark.parametrize("pending", [(100, 2, 1), (50, 50, 50), (7, 0, 30), (1, 1, 1)])
+def test_fair_shares_across_tasks(max_rows, pending):
+    """A flood on one task cannot starve another: shares are max-min fair (sizes differ by <= 1)."""
+    q = queues({t: [1] * n for t, n in zip(TASKS, pending, strict=True)})
+    got = per_task(collect(q, max_rows, now=0.0))
+    want = max_min_fair(dict(zip(TASKS, pending, strict=True)), max_rows)
+    assert sum(got.values()) == sum(want.values())
+    for t in TASKS:
+        assert abs(got[t] - want[t]) <= 1, (got, want)
+
+
+def test_rotating_start_spreads_the_remainder():
+    q = queues({t: [1] * 30 for t in TASKS})
+    totals = Counter()
+    for start in range(3):
+        totals += Counter(collect(q, 4, now=0.0, start=start).tasks)
+    assert set(totals.values()) == {4}
+
+
+@pytest.mark.parametrize("max_rows", [3, 4, 7])
+def test_large_request_is_split_across_batches(max_rows):
+    q = queues({"shapes": [10]})
+    (j,) = q["shapes"]
+    seen = []
+    while q["shapes"]:
+        batch = collect(q, max_rows, now=0.0)
+        seen += [(a, b) for _, a, b in batch.slices]
+    assert seen[0] == (0, max_rows) and seen[-1][1] == 10
+    assert sum(b - a for a, b in seen) == 10 and j.taken == 10
+
+
+def test_expired_and_cancelled_jobs_are_dropped_uncomputed():
+    q = {t: deque() for t in TASKS}
+    q["digits"] += [job("digits", deadline=5.0), job("digits", cancelled=True), job("digits")]
+    batch = collect(q, 8, now=10.0)
+    assert len(batch.expired) == 1 and len(batch.skipped) == 1
+    assert batch.rows == 1 and batch.slices[0][0] not in batch.expired + batch.skipped
+
+
+def test_per_task_mode_never_mixes():
+    q = queues({t: [1] * 5 for t in TASKS})
+    for start in range(6):
+        batch = collect(q, 4, now=0.0, start=start, per_task=True)
+        assert len(set(batch.tasks)) <= 1
+
+
+# -- the Batcher loop ------------------------------------------------------------------------------
+def make(engine: FakeEngine | None = None, **kw) -> tuple[Batcher, FakeEngine]:
+    engine = engine or FakeEngine()
+    engine.start()
+    b = Batcher(engine, TASKS, **kw)
+    b.start()
+    return b, engine
+
+
+def far() -> float:
+    return time.monotonic() + 60
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, 8])
+async def test_loop_flushes_at_size(max_batch_size):
+    b, engine = make(max_batch_size=max_batch_size, max_wait_ms=10_000)
+    t0 = time.monotonic()
+    jobs = [b.submit("digits", rows(1), far()) for _ in range(max_batch_size)]
+    await asyncio.wait_for(asyncio.gather(*(b.wait(j) for j in jobs)), 5)
+    assert time.monotonic() - t0 < 5
+    assert [len(c) for c in engine.calls] == [max_batch_size]
+    await b.stop()
+
+
+@pytest.mark.parametrize("max_wait_ms", [20, 80])
+async def test_loop_flushes_at_timeout(max_wait_ms):
+    b, engine = make(max_batch_size=32, max_wait_ms=max_wait_ms)
+    t0 = time.monotonic()
+    out = await asyncio.wait_for(b.wait(b.submit("shapes", rows(2), far())), 5)
+    waited = time.monotonic() - t0
+    assert max_wait_ms / 1000 * 0.9 <= waited < max_wait_ms / 1000 + 2
+    assert len(out) == 2 and out[0].shape == (4,)
+    assert [len(c) for c in engine.calls] == [2]
+    await b.stop()
+
+
+@pytest.mark.parametrize("max_batch_size", [4, 8])
+async def test_loop_is_fair_under_a_flood(max_batch_size):
+    b, engine = make(max_batch_size=max_batch_size, max_wait_ms=50)
+    flood = [b.submit("digits", rows(1), far()) for _ in range(50)]
+    others = [b.submit("animals", rows(1), far()), b.submit("shapes", rows(1), far())]
+    await asyncio.wait_for(asyncio.gather(*(b.wait(j) for j in others)), 5)
+    assert {"animals", "shapes"} <= set(engine.calls[0])  # in the very first batch
+    await asyncio.gather(*(b.wait(j) for j in flood))
+    await b.stop()
+
+
+async def test_deadline_answers_504_and_never_computes():
+    b, engine = make(max_batch_size=1, max_wait_ms=0)
+    engine.gate.clear()
+    first = b.submit("digits", rows(1), far())
+    await asyncio.sleep(0.05)  # the loop takes it and blocks in the engine
+    late = b.submit("shapes", rows(1, 9.0), time.monotonic() + 0.05)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(b.wait(late), 5)
+    engine.gate.set()
+    await b.wait(first)
+    await b.stop()
+    assert all("shapes" not in c for c in engine.calls)
+
+
+async def test_deadline_checked_by_the_collector_too():
+    b, engine = make(max_batch_size=1, max_wait_ms=0)
+    engine.gate.clear()
+    first = b.submit("digits", rows(1), far())
+    await asyncio.sleep(0.05)
+    late = b.submit("shapes", rows(1), time.monotonic() + 0.01)  # nobody waits on it
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await b.wait(first)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(late.future, 5)
+    await b.stop()
+    assert all("shapes" not in c for c in engine.calls)
+
+
+async def test_client_that_left_is_skipped():
+    b, engine = make(max_batch_size=1, max_wait_ms=0)
+    engine.gate.clear()
+    first = b.submit("digits", rows(1), far())
+    await asyncio.sleep(0.05)
+    gone = asyncio.Event()
+    leaving = b.submit("animals", rows(1), far())
+    waiter = asyncio.ensure_future(b.wait(leaving, gone.wait()))
+    await asyncio.sleep(0.01)
+    gone.set()
+    with pytest.raises(ClientClosed):
+        await asyncio.wait_for(waiter, 5)
+    engine.gate.set()
+    await b.wait(first)
+    await b.stop()
+    assert all("animals" not in c for c in engine.calls)
+    assert b.queued_rows == 0
+
+
+@pytest.mark.parametrize("queue_size", [1, 5])
+async def test_queue_full_is_429_at_once(queue_size):
+    b, engine = make(max_batch_size=1, max_wait_ms=0, queue_size=queue_size)
+    engine.gate.clear()
+    b.submit("digits", rows(1), far())
+    await asyncio.sleep(0.05)  # taken by the loop, blocked in the engine: no longer queued
+    for _ in range(queue_size):
+        b.submit("digits", rows(1), far())
+    with pytest.raises(QueueFull) as exc:
+        b.submit("digits", rows(1), far())
+    assert exc.value.headers["Retry-After"].isdigit()
+    engine.gate.set()
+    await b.stop()
+
+
+async def test_stop_finishes_admitted_jobs_and_refuses_new_ones():
+    b, engine = make(engine=FakeEngine(delay=0.01), max_batch_size=2, max_wait_ms=1)
+    jobs = [b.submit(TASKS[i % 3], rows(1, i), far()) for i in range(9)]
+    waits = [asyncio.ensure_future(b.wait(j)) for j in jobs]
+    await b.stop()
+    assert all(j.future.done() for j in jobs)
+    assert len(await asyncio.wait_for(asyncio.gather(*waits), 1)) == 9
+    assert sum(map(len, engine.calls)) == 9
+    with pytest.raises(NotReady):
+        b.submit("digits", rows(1), far())
+
+
+async def test_engine_failure_fails_the_batch_not_the_loop():
+    b, engine = make(max_batch_size=4, max_wait_ms=0)
+    engine.fail_next = True
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(b.wait(b.submit("digits", rows(1), far())), 5)
+    out = await asyncio.wait_for(b.wait(b.submit("digits", rows(1), far())), 5)
+    assert len(out) == 1
+    await b.stop()
+
+
+async def test_rows_come_back_to_their_own_request():
+    b, engine = make(max_batch_size=8, max_wait_ms=20)
+    jobs = [(t, v, b.submit(t, rows(3, v), far())) for v, t in enumerate(TASKS * 4)]
+    results = await asyncio.gather(*(b.wait(j) for _, _, j in jobs))
+    from tests.fakes import fake_logits
+
+    for (t, v, _), probs in zip(jobs, results, strict=True):
+        z = fake_logits(rows(1, v)[0], t, len(probs[0]))
+        want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        assert all(np.allclose(p, want, atol=1e-6) for p in probs)
+    assert max(len(set(c)) for c in engine.calls) > 1  # some batch mixed tasks
+    await b.stop()
