@@ -1,0 +1,318 @@
+"""The training loop: one batch from every task per step, concatenated, through ``MultiTaskNet``.
+
+Loss = sum over tasks of weight * mean cross-entropy. AdamW, linear warm-up then cosine. AMP and
+channels_last on CUDA. DDP under ``torchrun`` (gloo on CPU, nccl on CUDA); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.network import MultiTaskNet
+from training import checkpoint as ckpt
+from training.checkpoint import pick_device
+from training.imagefolder import MixedBatchSampler, MixedDataset, eval_batches, load_task
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val: dict[str, dict[str, float]]  # task -> {"top1", "top5"?}
+    best: dict | None
+    images_per_s: float
+    wall_s: float
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """``torch.distributed`` from torchrun's environment when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _loader(dataset, batch_sampler, workers: int, seed: int, pin: bool) -> DataLoader:
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin, generator=gen, **extra
+    )
+
+
+@torch.no_grad()
+def evaluate(net: MultiTaskNet, loader, device, amp, dist: Dist) -> dict[str, dict[str, float]]:
+    """Per-task top-1 (and top-5 where a task has >= 5 classes) over this rank's val shard, reduced."""
+    was_training = net.training
+    net.eval()
+    n = len(net.task_names)
+    sums = torch.zeros(3, n, dtype=torch.float64)  # top1, top5, count
+    for x, y, t, _bad in loader:
+        task = int(t[0])
+        with amp():
+            logits = net.forward_task(x.to(device, non_blocking=True), net.task_names[task]).float().cpu()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == y[:, None]
+        sums[:, task] += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)])
+    if dist.world > 1:
+        torch.distributed.all_reduce(sums)
+    net.train(was_training)
+    out = {}
+    for i, name in enumerate(net.task_names):
+        count = max(sums[2, i].item(), 1)
+        out[name] = {"top1": sums[0, i].item() / count}
+        if net.num_classes[name] >= 5:
+            out[name]["top5"] = sums[1, i].item() / count
+    return out
+
+
+def make_scheduler(opt, steps: int, warmup: int, min_ratio: float):
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    eta_min = opt.param_groups[0]["lr"] * min_ratio
+    cosine = CosineAnnealingLR(opt, T_max=max(steps - warmup, 1), eta_min=eta_min)
+    if not warmup:
+        return cosine
+    return SequentialLR(opt, [LinearLR(opt, 1e-3, 1.0, total_iters=warmup), cosine], milestones=[warmup])
+
+
+@dataclass
+class _Session:
+    """Everything one run holds: model, optimiser, data, bookkeeping."""
+
+    cfg: object
+    run_dir: Path
+    dist: Dist
+    device: torch.device
+    net: MultiTaskNet
+    model: torch.nn.Module
+    meta: dict
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: torch.amp.GradScaler
+    amp: object
+    fmt: torch.memory_format
+    train_set: MixedDataset
+    loader: DataLoader
+    val_loader: DataLoader
+    start: int
+    end: int
+    best: dict | None
+    log: ckpt.MetricsLog | None
+
+
+def _setup(cfg, run_dir: Path, max_steps, resume, pretrained, overwrite, say) -> _Session:
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)
+    cuda = device.type == "cuda"
+    if cuda and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    _check_run_dir(run_dir, resume, overwrite, dist.main)
+    seed_everything(cfg.seed)
+    data = [load_task(name, task.root) for name, task in cfg.tasks.items()]
+    run = ckpt.build_run(cfg, data, pretrained=None if resume else pretrained)
+    net = run.net
+    seed_everything(cfg.seed + dist.rank)
+    use_amp = cuda and cfg.amp != "off"
+    amp = (lambda: torch.autocast("cuda", AMP_DTYPES[cfg.amp])) if use_amp else contextlib.nullcontext
+    fmt = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
+    net.to(device, memory_format=fmt)
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=cuda or None
+    )
+    sched = make_scheduler(opt, cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
+    start, best = 0, None
+    if resume:
+        _check_resume(run_dir, run.meta)
+        net.load_state_dict(ckpt.load_weights(run_dir, "last"))
+        saved = ckpt.load_state(run_dir, opt, sched, scaler)
+        start, best = int(saved["step"]), saved.get("best")
+        say(f"resuming {run_dir} from step {start}")
+    end = min(cfg.schedule.steps, max_steps) if max_steps else cfg.schedule.steps
+    model = net
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    sizes = [len(d.train) for d in data]
+    sampler = MixedBatchSampler(sizes, cfg.batch_per_task, cfg.seed, dist.rank, dist.world, start)
+    train_set = MixedDataset([d.train for d in data], run.train_tf)
+    loader = _loader(train_set, sampler, cfg.workers, cfg.seed + dist.rank, cuda)
+    batches = eval_batches([len(d.val) for d in data], cfg.eval_batch_size, dist.rank, dist.world)
+    val_loader = _loader(MixedDataset([d.val for d in data], run.eval_tf), batches, cfg.workers, 0, cuda)
+    log = (
+        ckpt.MetricsLog(run_dir / "metrics.csv", net.task_names, net.num_classes, start)
+        if dist.main
+        else None
+    )
+    return _Session(cfg, run_dir, dist, device, net, model, run.meta, opt, sched, scaler, amp, fmt,
+                    train_set, loader, val_loader, start, end, best, log)  # fmt: skip
+
+
+def train(
+    cfg,
+    run_dir: Path,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    pretrained: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    say=print,
+) -> TrainResult:
+    """Train ``cfg`` into ``run_dir``; returns the final validation accuracy and throughput."""
+    wall0 = time.perf_counter()
+    main = int(os.environ.get("RANK", "0")) == 0
+    say = say if main else (lambda *a, **k: None)
+    s = _setup(cfg, Path(run_dir), max_steps, resume, pretrained, overwrite, say)
+    net, names, B, T = s.net, s.net.task_names, cfg.batch_per_task, len(s.net.task_names)
+    acc = net.accounting()
+    say(
+        f"training {cfg.backbone} plan {s.meta['plan']!r} on {s.device} x{s.dist.world} into {s.run_dir}: "
+        f"steps {s.start}->{s.end}, {T} tasks x {B} images per step\n"
+        f"parameters: total {acc.total_params:,}, task-specific {acc.task_specific_params:,} "
+        f"({acc.proportion:.1%}); {acc.bytes_held / 2**20:.1f} MiB vs "
+        f"{acc.bytes_independent / 2**20:.1f} MiB for {T} independent models"
+    )
+    bar = tqdm(total=s.end, initial=s.start, disable=not (progress and s.dist.main), dynamic_ncols=True,
+               mininterval=1.0, file=sys.stderr)  # fmt: skip
+    weights = torch.tensor(cfg.task_weights, device=s.device)
+    loss_sum, seen, imgs_total, time_total = torch.zeros(T, device=s.device), 0, 0, 0.0
+    bad: set[int] = set()
+    val, it, tick = None, iter(s.loader), time.perf_counter()
+    s.model.train()
+    for step in range(s.start + 1, s.end + 1):
+        x, y, t, b = next(it)
+        if b.max() >= 0:
+            bad.update(b[b >= 0].tolist())
+        x = x.to(s.device, non_blocking=True, memory_format=s.fmt)
+        y = y.to(s.device, non_blocking=True)
+        with s.amp():
+            logits = s.model(x, t.tolist())
+        per_task = F.cross_entropy(logits.float(), y, reduction="none").view(T, B).mean(1)
+        loss = (per_task * weights).sum()
+        s.opt.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.opt)
+        s.scaler.update()
+        s.sched.step()
+        loss_sum += per_task.detach()
+        seen += 1
+        bar.update()
+        do_eval = step % cfg.eval_interval == 0 or step == s.end
+        if step % cfg.log_interval and not do_eval:
+            continue
+        elapsed = time.perf_counter() - tick
+        n_img = seen * B * T * s.dist.world
+        imgs_total, time_total = imgs_total + n_img, time_total + elapsed
+        losses = (loss_sum / seen).tolist()
+        loss_sum.zero_()
+        seen = 0
+        row = {"step": step, "lr": f"{s.sched.get_last_lr()[0]:.6g}", "loss": f"{sum(losses):.5f}"}
+        row |= {f"loss_{n}": f"{v:.5f}" for n, v in zip(names, losses, strict=True)}
+        row["images_per_s"] = f"{n_img / max(elapsed, 1e-9):.1f}"
+        post = {"loss": f"{sum(losses):.3f}", "img_s": f"{n_img / max(elapsed, 1e-9):.0f}"}
+        if do_eval:
+            val = evaluate(net, s.val_loader, s.device, s.amp, s.dist)
+            _record_eval(s, step, val, row, post)
+            if bad and s.dist.main:
+                bar.write(f"warning: skipped {len(bad)} unreadable training image(s) so far: "
+                          f"{_bad_counts(bad, s.train_set, names)}", file=sys.stderr)  # fmt: skip
+        bar.set_postfix(post, refresh=False)
+        if s.log:
+            s.log.write(row)
+        tick = time.perf_counter()
+    bar.close()
+    if val is None:  # nothing left to train (resumed at the end): evaluate what is there
+        val = evaluate(net, s.val_loader, s.device, s.amp, s.dist)
+    if s.log:
+        s.log.plot(s.run_dir / "curves.png", names)
+    if s.dist.world > 1:
+        torch.distributed.barrier()
+    rate = imgs_total / max(time_total, 1e-9)
+    wall = time.perf_counter() - wall0
+    return TrainResult(s.run_dir, s.end, val, s.best, rate, wall, _bad_counts(bad, s.train_set, names))
+
+
+def _record_eval(s: _Session, step: int, val: dict, row: dict, post: dict) -> None:
+    """Add val accuracy to the metrics row; on rank 0 save best (by mean top-1) and last."""
+    mean = sum(v["top1"] for v in val.values()) / len(val)
+    row |= {f"val_{k}_{n}": f"{a:.4f}" for n, v in val.items() for k, a in v.items()}
+    row["val_mean_top1"] = f"{mean:.4f}"
+    post["val"] = f"{mean:.3f}"
+    if s.best is None or mean > s.best["mean_top1"]:
+        s.best = {"step": step, "mean_top1": mean, "val": {n: v["top1"] for n, v in val.items()}}
+        if s.dist.main:
+            ckpt.save_weights(s.run_dir, "best", s.net)
+    if s.dist.main:
+        _save_last(s.run_dir, s.net, s.opt, s.sched, s.scaler, s.meta, step, s.best)
+
+
+def _save_last(run_dir, net, opt, sched, scaler, meta, step, best) -> None:
+    ckpt.save_weights(run_dir, "last", net)
+    ckpt.save_state(run_dir, opt, sched, scaler, {"step": step, "best": best})
+    ckpt.write_config(run_dir, meta, step, best and {"step": best["step"], "val": best["val"]})
+
+
+def _bad_counts(bad: set[int], dataset: MixedDataset, names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in bad:
+        name = names[int(dataset.task_of[i])]
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, main: bool) -> None:
+    if resume:
+        if not (run_dir / ckpt.STATE).is_file() or not (run_dir / ckpt.WEIGHTS["last"]).is_file():
+            raise FileNotFoundError(f"cannot resume: {run_dir} has no last.safetensors + state.json")
+    elif ckpt.has_checkpoint(run_dir) and not overwrite:
+        raise ValueError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or --overwrite"
+        )
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resume(run_dir: Path, meta: dict) -> None:
+    saved = ckpt.read_run_config(run_dir)
+    for key in ("backbone", "plan", "tasks", "timm_kwargs"):
+        if saved.get(key) != meta[key]:
+            raise ValueError(f"cannot resume {run_dir}: the config's {key} differs from the saved run's")
