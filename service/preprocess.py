@@ -37,7 +37,7 @@ def _resize_size(w: int, h: int, spec: InputSpec) -> tuple[int, int]:
     sh, sw = math.floor(th / spec.crop_pct), math.floor(tw / spec.crop_pct)
     if spec.crop_mode == "squash":
         return sw, sh
-    if sh == sw:  # torchvision Resize(int): shorter side to size, longer side truncated
+    if sh == sw and spec.crop_mode != "border":  # torchvision Resize(int): shorter side, long truncated
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = sh, int(sh * long / short)
         return (new_short, new_long) if w <= h else (new_long, new_short)
