@@ -139,11 +139,12 @@ ARG TORCH_INDEX_URL
 COPY pyproject.toml /tmp/pyproject.toml
 # torch/torchvision first, from the CPU index; the rest (timm, onnx, ...) from PyPI. The
 # pyproject bound `torch<=X` matches `X+cpu` (local version labels are ignored when comparing).
+# `serve` too: the exporter checks every ONNX file against torch in onnxruntime.
 # animal-mnist (one of the demo data sources) is installed without its dependencies, as
 # scripts/serve-demo.sh does.
 RUN requirements-from-pyproject /tmp/pyproject.toml train --only torch torchvision > /tmp/torch.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
-    && requirements-from-pyproject /tmp/pyproject.toml train > /tmp/requirements.txt \
+    && requirements-from-pyproject /tmp/pyproject.toml train serve > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps "animal-mnist==0.4" \
     && rm /tmp/torch.txt /tmp/requirements.txt /tmp/pyproject.toml

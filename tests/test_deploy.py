@@ -100,7 +100,12 @@ def test_check_deploy_script() -> None:
     if proc.returncode == 3:
         pytest.skip(f"deployment check tools could not be installed:\n{output[-2000:]}")
     assert proc.returncode == 0, output[-6000:]
-    for what in ("hadolint Dockerfile", "docker compose config -q", "kubernetes-validate", "dashboard PromQL"):
+    for what in (
+        "hadolint Dockerfile",
+        "docker compose config -q",
+        "kubernetes-validate",
+        "dashboard PromQL",
+    ):
         assert what in output, f"check_deploy.sh did not run {what!r}:\n{output[-3000:]}"
 
 
@@ -126,13 +131,17 @@ def test_dependency_layers_before_code() -> None:
     stages = dockerfile_stages()
     for target in ("serve", "serve-gpu", "train"):
         lines = stages[target]
-        deps = next(i for i, line in enumerate(lines) if "requirements-from-pyproject /tmp/pyproject.toml" in line)
+        deps = next(
+            i for i, line in enumerate(lines) if "requirements-from-pyproject /tmp/pyproject.toml" in line
+        )
         code = next(i for i, line in enumerate(lines) if "from=wheel" in line)
         assert deps < code, target
         # Nothing but pyproject.toml (and the small helper scripts) is copied before the deps.
         for line in lines[:deps]:
             if line.startswith("COPY"):
                 assert "pyproject.toml" in line or "deploy/docker/" in line, line
+    # The exporter verifies ONNX against torch in onnxruntime: the train image needs `serve` too.
+    assert any("pyproject.toml train serve" in line for line in stages["train"])
     wheel = "\n".join(stages["wheel"])
     for pkg in ("models", "service", "training"):
         assert f"COPY {pkg} " in wheel
@@ -157,11 +166,16 @@ def test_requirements_from_pyproject() -> None:
     gpu = names(rfp.requirements(pyproject, ["gpu"]))
     train = names(rfp.requirements(pyproject, ["train"]))
     assert "onnxruntime" in serve and "fastapi" in serve and "uvicorn" in serve
-    assert not serve & {"torch", "torchvision", "timm", "onnxruntime-gpu"}, "the CPU server image stays torch-free"
+    assert not serve & {"torch", "torchvision", "timm", "onnxruntime-gpu"}, (
+        "the CPU server image stays torch-free"
+    )
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu, "exactly one onnxruntime per environment"
     assert not gpu & {"torch", "timm"}
     assert {"torch", "timm", "onnx"} <= train
-    assert names(rfp.requirements(pyproject, ["train"], only=["torch", "torchvision"])) == {"torch", "torchvision"}
+    assert names(rfp.requirements(pyproject, ["train"], only=["torch", "torchvision"])) == {
+        "torch",
+        "torchvision",
+    }
     with pytest.raises(KeyError):
         rfp.requirements(pyproject, ["no-such-extra"])
 
@@ -203,7 +217,9 @@ def test_compose_services_and_ports() -> None:
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert str(port).startswith("${MTSERVE_BIND:-127.0.0.1}:"), f"{name}: {port}"
-    assert services["mtserve"]["depends_on"]["bundle-builder"]["condition"] == "service_completed_successfully"
+    assert (
+        services["mtserve"]["depends_on"]["bundle-builder"]["condition"] == "service_completed_successfully"
+    )
     assert services["bundle-builder"]["build"]["target"] == "train"
     assert services["mtserve"]["build"]["target"] == "serve"
     assert any(v.endswith(":/models:ro") for v in services["mtserve"]["volumes"])
