@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         card, reused = build_control(out, base=base, val_fraction=args.val_fraction, **common)
         args.out = out
     else:
-        names = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
+        names = None if args.sources is None else [s.strip() for s in args.sources.split(",") if s.strip()]
         kwargs = {"sources": names} if names is not None else {}
         card, reused = build_mdb(args.out, val_fraction=args.val_fraction, **kwargs, **common)
     if not args.quiet:

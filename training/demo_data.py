@@ -215,6 +215,9 @@ def build_sources(
         raise ValueError(f"val fraction must be in (0, 1), got {val_fraction}")
     if size < 8 or (max_per_class is not None and max_per_class < 1):
         raise ValueError("size must be >= 8 and max per class >= 1")
+    unknown = [n for n in names if n not in _known()]
+    if unknown:
+        raise UserError(f"unknown source {', '.join(unknown)}; known: {', '.join(_known())}")
     params = {"name": name, "command": command, "description": description, "size": size,
               "seed": seed, "val_fraction": val_fraction, "max_per_class": max_per_class,
               "sources": list(names)}  # fmt: skip
@@ -225,7 +228,7 @@ def build_sources(
             try:
                 source = load(src)
             except UserError as exc:  # SourceUnavailable, or an unknown name
-                if not skip_missing or src not in _known():
+                if not skip_missing:
                     raise
                 skipped[src] = str(exc)
                 log(f"skipping {src}: {exc}")

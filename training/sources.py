@@ -7,6 +7,7 @@ are in :mod:`training.render_sources`. Nothing here imports torch.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib
 import json
@@ -59,10 +60,18 @@ def _numpy_allowed() -> dict[tuple[str, str], object]:
         multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
         multiarray = importlib.import_module("numpy.core.multiarray")
-    reconstruct = multiarray._reconstruct
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = reconstruct
+    try:
+        numeric = importlib.import_module("numpy._core.numeric")
+    except ImportError:  # numpy < 2
+        numeric = importlib.import_module("numpy.core.numeric")
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # protocol 2 stores bytes as latin-1 text
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
     return allowed
 
 
