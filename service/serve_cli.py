@@ -7,6 +7,7 @@ admitting (503), finish every admitted request, exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 from service.settings import Settings
@@ -69,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         def handle_exit(self, sig, frame) -> None:
             service.draining = True  # new requests: 503; admitted ones finish before the lifespan ends
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # a drained shutdown is a clean exit (0), not death by the signal uvicorn re-raises
+                self._captured_signals.clear()
 
     config = uvicorn.Config(
         app,
