@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from test_train_support import make_tree, write_config
 
 from service.cli import main
-from test_train_support import make_tree, write_config
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train_support import TASKS, make_tree, write_config
 
 from service.cli import main
-from test_train_support import TASKS, make_tree, write_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
@@ -134,10 +134,30 @@ def test_ddp_two_cpu_processes(tmp_path, data):
     cfg = write_config(tmp_path / "c.yaml", data, schedule={"steps": 6, "warmup_steps": 1}, eval_interval=3)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "service.cli", "train", "--config", str(cfg), "--out", str(out), "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "service.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=90)
     finally:  # never leave workers behind

@@ -187,3 +187,15 @@ def transforms(cfg: dict, augment) -> tuple[Callable, Callable]:
     )
     evaluate = create_transform(**common, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
     return train, evaluate
+
+
+def make_loader(dataset, batch_sampler, workers: int, seed: int, pin: bool):
+    """A DataLoader over a batch sampler; persistent workers so each epoch/eval reuses them."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin, generator=gen, **extra
+    )

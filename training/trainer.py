@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.network import MultiTaskNet
 from training import checkpoint as ckpt
 from training.checkpoint import pick_device
-from training.imagefolder import MixedBatchSampler, MixedDataset, eval_batches, load_task
+from training.imagefolder import MixedBatchSampler, MixedDataset, eval_batches, load_task, make_loader
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,14 +67,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(dataset, batch_sampler, workers: int, seed: int, pin: bool) -> DataLoader:
-    extra = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin, generator=gen, **extra
-    )
-
-
 @torch.no_grad()
 def evaluate(net: MultiTaskNet, loader, device, amp, dist: Dist) -> dict[str, dict[str, float]]:
     """Per-task top-1 (and top-5 where a task has >= 5 classes) over this rank's val shard, reduced."""
@@ -112,78 +103,58 @@ def make_scheduler(opt, steps: int, warmup: int, min_ratio: float):
     return SequentialLR(opt, [LinearLR(opt, 1e-3, 1.0, total_iters=warmup), cosine], milestones=[warmup])
 
 
-@dataclass
 class _Session:
-    """Everything one run holds: model, optimiser, data, bookkeeping."""
+    """Everything one run holds: device, model, optimiser, schedule, data, bookkeeping."""
 
-    cfg: object
-    run_dir: Path
-    dist: Dist
-    device: torch.device
-    net: MultiTaskNet
-    model: torch.nn.Module
-    meta: dict
-    opt: torch.optim.Optimizer
-    sched: object
-    scaler: torch.amp.GradScaler
-    amp: object
-    fmt: torch.memory_format
-    train_set: MixedDataset
-    loader: DataLoader
-    val_loader: DataLoader
-    start: int
-    end: int
-    best: dict | None
-    log: ckpt.MetricsLog | None
-
-
-def _setup(cfg, run_dir: Path, max_steps, resume, pretrained, overwrite, say) -> _Session:
-    device = pick_device(cfg.device)
-    dist = init_distributed(device.type)
-    cuda = device.type == "cuda"
-    if cuda and dist.world > 1:
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    _check_run_dir(run_dir, resume, overwrite, dist.main)
-    seed_everything(cfg.seed)
-    data = [load_task(name, task.root) for name, task in cfg.tasks.items()]
-    run = ckpt.build_run(cfg, data, pretrained=None if resume else pretrained)
-    net = run.net
-    seed_everything(cfg.seed + dist.rank)
-    use_amp = cuda and cfg.amp != "off"
-    amp = (lambda: torch.autocast("cuda", AMP_DTYPES[cfg.amp])) if use_amp else contextlib.nullcontext
-    fmt = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
-    net.to(device, memory_format=fmt)
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=cuda or None
-    )
-    sched = make_scheduler(opt, cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
-    start, best = 0, None
-    if resume:
-        _check_resume(run_dir, run.meta)
-        net.load_state_dict(ckpt.load_weights(run_dir, "last"))
-        saved = ckpt.load_state(run_dir, opt, sched, scaler)
-        start, best = int(saved["step"]), saved.get("best")
-        say(f"resuming {run_dir} from step {start}")
-    end = min(cfg.schedule.steps, max_steps) if max_steps else cfg.schedule.steps
-    model = net
-    if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-    sizes = [len(d.train) for d in data]
-    sampler = MixedBatchSampler(sizes, cfg.batch_per_task, cfg.seed, dist.rank, dist.world, start)
-    train_set = MixedDataset([d.train for d in data], run.train_tf)
-    loader = _loader(train_set, sampler, cfg.workers, cfg.seed + dist.rank, cuda)
-    batches = eval_batches([len(d.val) for d in data], cfg.eval_batch_size, dist.rank, dist.world)
-    val_loader = _loader(MixedDataset([d.val for d in data], run.eval_tf), batches, cfg.workers, 0, cuda)
-    log = (
-        ckpt.MetricsLog(run_dir / "metrics.csv", net.task_names, net.num_classes, start)
-        if dist.main
-        else None
-    )
-    return _Session(cfg, run_dir, dist, device, net, model, run.meta, opt, sched, scaler, amp, fmt,
-                    train_set, loader, val_loader, start, end, best, log)  # fmt: skip
+    def __init__(self, cfg, run_dir: Path, max_steps, resume, pretrained, overwrite, say):
+        self.cfg, self.run_dir, self.device = cfg, run_dir, pick_device(cfg.device)
+        self.dist = dist = init_distributed(self.device.type)
+        cuda = self.device.type == "cuda"
+        if cuda and dist.world > 1:
+            self.device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(self.device)
+        _check_run_dir(run_dir, resume, overwrite, dist.main)
+        seed_everything(cfg.seed)
+        data = [load_task(name, task.root) for name, task in cfg.tasks.items()]
+        run = ckpt.build_run(cfg, data, pretrained=None if resume else pretrained)
+        self.net = net = run.net
+        self.meta = run.meta
+        seed_everything(cfg.seed + dist.rank)
+        use_amp = cuda and cfg.amp != "off"
+        self.amp = (
+            (lambda: torch.autocast("cuda", AMP_DTYPES[cfg.amp])) if use_amp else contextlib.nullcontext
+        )
+        self.fmt = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
+        net.to(self.device, memory_format=self.fmt)
+        o, sc = cfg.optimizer, cfg.schedule
+        self.opt = torch.optim.AdamW(
+            net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=cuda or None
+        )
+        self.sched = make_scheduler(self.opt, sc.steps, sc.warmup_steps, sc.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
+        self.start, self.best = 0, None
+        if resume:
+            _check_resume(run_dir, run.meta)
+            net.load_state_dict(ckpt.load_weights(run_dir, "last"))
+            saved = ckpt.load_state(run_dir, self.opt, self.sched, self.scaler)
+            self.start, self.best = int(saved["step"]), saved.get("best")
+            say(f"resuming {run_dir} from step {self.start}")
+        self.end = min(sc.steps, max_steps) if max_steps else sc.steps
+        self.model = net
+        if dist.world > 1:
+            ids = [self.device.index] if cuda else None
+            self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        sizes = [len(d.train) for d in data]
+        sampler = MixedBatchSampler(sizes, cfg.batch_per_task, cfg.seed, dist.rank, dist.world, self.start)
+        self.train_set = MixedDataset([d.train for d in data], run.train_tf)
+        self.loader = make_loader(self.train_set, sampler, cfg.workers, cfg.seed + dist.rank, cuda)
+        batches = eval_batches([len(d.val) for d in data], cfg.eval_batch_size, dist.rank, dist.world)
+        val_set = MixedDataset([d.val for d in data], run.eval_tf)
+        self.val_loader = make_loader(val_set, batches, cfg.workers, 0, cuda)
+        metrics = run_dir / "metrics.csv"
+        self.log = (
+            ckpt.MetricsLog(metrics, net.task_names, net.num_classes, self.start) if dist.main else None
+        )
 
 
 def train(
@@ -201,7 +172,7 @@ def train(
     wall0 = time.perf_counter()
     main = int(os.environ.get("RANK", "0")) == 0
     say = say if main else (lambda *a, **k: None)
-    s = _setup(cfg, Path(run_dir), max_steps, resume, pretrained, overwrite, say)
+    s = _Session(cfg, Path(run_dir), max_steps, resume, pretrained, overwrite, say)
     net, names, B, T = s.net, s.net.task_names, cfg.batch_per_task, len(s.net.task_names)
     acc = net.accounting()
     say(
@@ -211,10 +182,10 @@ def train(
         f"({acc.proportion:.1%}); {acc.bytes_held / 2**20:.1f} MiB vs "
         f"{acc.bytes_independent / 2**20:.1f} MiB for {T} independent models"
     )
-    bar = tqdm(total=s.end, initial=s.start, disable=not (progress and s.dist.main), dynamic_ncols=True,
-               mininterval=1.0, file=sys.stderr)  # fmt: skip
+    show = progress and s.dist.main
+    bar = tqdm(total=s.end, initial=s.start, disable=not show, mininterval=1.0, file=sys.stderr)
     weights = torch.tensor(cfg.task_weights, device=s.device)
-    loss_sum, seen, imgs_total, time_total = torch.zeros(T, device=s.device), 0, 0, 0.0
+    loss_sum, seen, windows = torch.zeros(T, device=s.device), 0, []
     bad: set[int] = set()
     val, it, tick = None, iter(s.loader), time.perf_counter()
     s.model.train()
@@ -241,20 +212,24 @@ def train(
             continue
         elapsed = time.perf_counter() - tick
         n_img = seen * B * T * s.dist.world
-        imgs_total, time_total = imgs_total + n_img, time_total + elapsed
+        windows.append((n_img, elapsed))
         losses = (loss_sum / seen).tolist()
+        total = sum(w * v for w, v in zip(cfg.task_weights, losses, strict=True))
         loss_sum.zero_()
         seen = 0
-        row = {"step": step, "lr": f"{s.sched.get_last_lr()[0]:.6g}", "loss": f"{sum(losses):.5f}"}
+        row = {"step": step, "lr": f"{s.sched.get_last_lr()[0]:.6g}", "loss": f"{total:.5f}"}
         row |= {f"loss_{n}": f"{v:.5f}" for n, v in zip(names, losses, strict=True)}
         row["images_per_s"] = f"{n_img / max(elapsed, 1e-9):.1f}"
-        post = {"loss": f"{sum(losses):.3f}", "img_s": f"{n_img / max(elapsed, 1e-9):.0f}"}
+        post = {"loss": f"{total:.3f}", "img_s": f"{n_img / max(elapsed, 1e-9):.0f}"}
         if do_eval:
             val = evaluate(net, s.val_loader, s.device, s.amp, s.dist)
             _record_eval(s, step, val, row, post)
             if bad and s.dist.main:
-                bar.write(f"warning: skipped {len(bad)} unreadable training image(s) so far: "
-                          f"{_bad_counts(bad, s.train_set, names)}", file=sys.stderr)  # fmt: skip
+                bar.write(
+                    f"warning: skipped {len(bad)} unreadable training image(s) so far: "
+                    f"{_bad_counts(bad, s.train_set, names)}",
+                    file=sys.stderr,
+                )
         bar.set_postfix(post, refresh=False)
         if s.log:
             s.log.write(row)
@@ -266,7 +241,8 @@ def train(
         s.log.plot(s.run_dir / "curves.png", names)
     if s.dist.world > 1:
         torch.distributed.barrier()
-    rate = imgs_total / max(time_total, 1e-9)
+    steady = windows[1:] or windows  # the first window includes DataLoader start-up
+    rate = sum(n for n, _ in steady) / max(sum(e for _, e in steady), 1e-9)
     wall = time.perf_counter() - wall0
     return TrainResult(s.run_dir, s.end, val, s.best, rate, wall, _bad_counts(bad, s.train_set, names))
 
