@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[train,serve,dev]"
+.venv/bin/python -m pip install -q -e ".[train,serve,dev,deploy-check]"
 .venv/bin/python -m pip install -q --no-deps "animal-mnist==0.4"   # its metadata pins old deps
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
