@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from service import api, errors, v2
 from service.bundle import load_bundle
@@ -58,11 +59,15 @@ def create_app(
         summary=f"Multi-task image classification: bundle {m.name} {m.version}, tasks {', '.join(m.tasks)}",
         version=v2._version(),
         lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False},  # Prometheus is the metrics surface
     )
     app.state.service = service
     errors.install(app)
     app.include_router(api.router)
     app.include_router(v2.router)
+    # the tensor route again as a plain Starlette route, matched first: FastAPI's per-request
+    # parameter solving costs more than the route itself (OpenAPI documents the FastAPI one)
+    app.router.routes[:0] = [Route(path, v2.infer_endpoint, methods=["POST"]) for path in v2.INFER_PATHS]
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every status
     return app

@@ -165,6 +165,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
+        self._idle = True
 
     # -- admission ----------------------------------------------------------------------------
     def submit(self, task: str, x: np.ndarray, deadline: float) -> Job:
@@ -178,7 +179,8 @@ class Batcher:
         job.out = [None] * n
         self.queues[task].append(job)
         self.queued_rows += n
-        self._wakeup.set()
+        if self._idle or self.queued_rows >= self.max_batch_size:  # else the loop sleeps till max_wait
+            self._wakeup.set()
         return job
 
     async def wait(self, job: Job, disconnected: Awaitable | None = None) -> list[np.ndarray]:
@@ -241,7 +243,9 @@ class Batcher:
                 if self._stopping:
                     return
                 self._wakeup.clear()
+                self._idle = True
                 await self._wakeup.wait()
+                self._idle = False
                 continue
             try:
                 await self._step()

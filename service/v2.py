@@ -211,6 +211,9 @@ async def model_ready(request: Request, task: str, model_version: str | None = N
     return {"name": task, "ready": True}
 
 
+INFER_PATHS = ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{model_version}/infer")
+
+
 @router.post("/models/{task}/infer", response_model=V2InferResponse, responses=ERRORS)
 @router.post(
     "/models/{task}/versions/{model_version}/infer", response_model=V2InferResponse, responses=ERRORS
@@ -231,3 +234,8 @@ async def infer(request: Request, task: str, model_version: str | None = None) -
     outputs = build_outputs(plan, probs, spec.labels)
     body = {"model_name": task, "model_version": s.manifest.version, "id": req.id, "outputs": outputs}
     return JSONResponse(body)
+
+
+async def infer_endpoint(request: Request) -> JSONResponse:
+    """The same route for Starlette (path parameters from the request)."""
+    return await infer(request, request.path_params["task"], request.path_params.get("model_version"))
