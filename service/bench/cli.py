@@ -1,0 +1,121 @@
+"""``mtserve bench SCENARIO``: engine, overhead (P1), cross-task (P2), memory (P3), peer (P4), idle (P5), all.
+
+Each scenario writes ``NAME.json`` (with the machine), ``NAME.md`` and ``NAME.png`` into ``--out``;
+``all`` adds ``summary.json`` / ``summary.md`` with every target. Build the bundles first:
+``python scripts/make_bench_bundles.py`` (resnet50 ones), the demo bundle per docs/trainer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from service.bench.context import Ctx, Model
+from service.settings import available_cpus
+
+SCENARIOS = ("engine", "overhead", "cross-task", "memory", "peer", "idle")
+# scenario -> models it runs on by default in `all` (P3 needs independent bundles: resnet50 only)
+DEFAULT_MODELS = {
+    "engine": "demo,r50",
+    "overhead": "demo,r50",
+    "cross-task": "demo,r50",
+    "memory": "r50",
+    "peer": "demo",
+    "idle": "demo,r50",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
+    p.add_argument("--models", help="comma list of demo,r50 (default: per scenario, see docs/bench.md)")
+    p.add_argument("--demo", default="bundles/demo", help="the demo bundle (engine, P1, P4, P5)")
+    p.add_argument("--demo8", default="bundles/bench/demo8", help="demo architecture with 8 tasks (P2)")
+    p.add_argument("--r50", default="bundles/bench/r50-mt16", help="resnet50@224 bottom:1, 16 tasks")
+    p.add_argument("--r50-singles", default="bundles/bench/r50-single", help="folder of single-task bundles")
+    p.add_argument("--threads", type=int, default=available_cpus(), help="onnxruntime threads, both sides")
+    p.add_argument("--seconds", type=float, default=5.0, help="per load point (resnet50: x1.6)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--p99-demo-ms", type=float, default=50.0, help="p99 target of the demo model")
+    p.add_argument("--p99-r50-ms", type=float, default=2000.0, help="p99 target of resnet50")
+    p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
+
+
+def models(args: argparse.Namespace) -> dict[str, Model]:
+    singles = sorted(p for p in Path(args.r50_singles).glob("*") if (p / "manifest.json").exists())
+    return {
+        "demo": Model("demo", Path(args.demo), Path(args.demo8), args.p99_demo_ms),
+        "r50": Model("r50", Path(args.r50), Path(args.r50), args.p99_r50_ms, warmup_s=3.0, singles=singles),
+    }
+
+
+def contexts(args: argparse.Namespace) -> dict[str, Ctx]:
+    base = Ctx(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
+    if args.quick:
+        base = replace(base, seconds=0.5, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
+        return {"demo": base, "r50": base}
+    r50 = replace(base, seconds=args.seconds * 1.6, rates=(0.4, 0.7, 1.0, 1.3), mixes=("uniform",))
+    return {"demo": base, "r50": r50}
+
+
+def run_one(name: str, ctx: Ctx, model: Model) -> dict:
+    from service.bench import http_scenarios as h
+    from service.bench.engine_bench import run_engine
+    from service.bench.memory import memory
+    from service.bench.peer import peer
+
+    if name == "engine":
+        return engine_scenario(ctx, model, run_engine)
+    fn = {"overhead": h.overhead, "cross-task": h.cross_task, "idle": h.idle, "memory": memory, "peer": peer}
+    return fn[name](ctx, model)
+
+
+def engine_scenario(ctx: Ctx, model: Model, run_engine) -> dict:
+    from service.bench import report
+
+    result = ctx.header("engine", model, f"engine: raw onnxruntime images/s ({model.key})")
+    result |= run_engine(model.bundle, ctx.threads, (1, 2, 4, 8, 16, 32), ctx.seconds / 3)
+    rows = result["rows"]
+    report.write(
+        ctx.out,
+        f"engine-{model.key}",
+        result,
+        report.table(rows, list(rows[0])),
+        lambda ax: report.bars(
+            ax, [f"bs {r['batch_size']}" for r in rows], [r["images_per_s"] for r in rows], "images/s"
+        ),
+    )
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    ms, ctxs = models(args), contexts(args)
+    results: dict[str, dict] = {}
+    t0 = time.monotonic()
+    for name in names:
+        for key in (args.models or DEFAULT_MODELS[name]).split(","):
+            model = ms[key]
+            if not model.bundle.exists():
+                print(f"skip {name} {key}: {model.bundle} missing")
+                continue
+            if name == "memory" and not model.singles:
+                print(f"skip memory {key}: no single-task bundles under {args.r50_singles}")
+                continue
+            t = time.monotonic()
+            print(f"{name} {key} ...", flush=True)
+            res = run_one(name, ctxs[key], model)
+            results[f"{name}-{key}"] = res
+            print(
+                f"{name} {key}: {json.dumps(res.get('figure', {}))} ({time.monotonic() - t:.0f} s)",
+                flush=True,
+            )
+    if args.scenario == "all":
+        from service.bench.summary import write_summary
+
+        write_summary(Path(args.out), results, time.monotonic() - t0)
+    return 0

@@ -1,0 +1,55 @@
+"""What every scenario needs: the models under test, the durations, the output folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.bench.machine import describe
+from service.bundle import load_bundle
+from service.manifest import Manifest
+
+
+@dataclass
+class Model:
+    """A model under test: ``bundle`` for engine/P1/P3/P4/P5, ``bundle8`` (8+ tasks) for P2."""
+
+    key: str  # "demo" or "r50"
+    bundle: Path
+    bundle8: Path
+    p99_target_ms: float
+    warmup_s: float = 0.5
+    singles: list[Path] = field(default_factory=list)  # independent single-task bundles (P3)
+
+    def manifest(self, which: str = "bundle") -> Manifest:
+        return load_bundle(getattr(self, which), verify_sha256=False).manifest
+
+
+@dataclass
+class Ctx:
+    out: Path
+    threads: int = 2
+    seconds: float = 5.0  # per load point
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    rates: tuple[float, ...] = (0.3, 0.6, 0.9, 1.2, 1.5)  # open loop: x the closed-loop throughput
+    mixes: tuple[str, ...] = ("uniform", "zipf")
+    quick: bool = False
+
+    def server_args(self, *extra: str) -> list[str]:
+        return ["--max-batch-size", str(self.max_batch_size), "--max-wait-ms", str(self.max_wait_ms), *extra]
+
+    def header(self, scenario: str, model: Model, title: str) -> dict:
+        return {
+            "scenario": scenario,
+            "model": model.key,
+            "title": title,
+            "bundle": str(model.bundle),
+            "machine": describe(),
+            "config": {
+                "threads": self.threads,
+                "seconds_per_point": self.seconds,
+                "max_batch_size": self.max_batch_size,
+                "max_wait_ms": self.max_wait_ms,
+            },
+        }

@@ -1,0 +1,155 @@
+"""Server processes for the scenarios: `mtserve serve` and the LitServe peer, on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+def wait_ready(proc: subprocess.Popen, port: int, path: str, limit: float) -> None:
+    """Poll ``path`` until 200; fail if the process exits or ``limit`` seconds pass."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(OSError):
+            if get(port, path)[0] == 200:
+                return
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready after {limit:.0f} s")
+
+
+def rss_bytes(pid: int, children: bool = True) -> int:
+    """Resident memory of a process (and its children: LitServe runs its model in a worker)."""
+    import psutil
+
+    p = psutil.Process(pid)
+    procs = [p, *(p.children(recursive=True) if children else [])]
+    total = 0
+    for q in procs:
+        with contextlib.suppress(psutil.Error):
+            total += q.memory_info().rss
+    return total
+
+
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def mtserve(
+    bundle: str | Path, threads: int, extra: Sequence[str] = (), ready_s: float = 300.0
+) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`mtserve serve BUNDLE` on a free loopback port; yields (port, process) once /readyz is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", str(bundle), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--threads", str(threads), "--queue-size", "100000"]
+    cmd += ["--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    try:
+        wait_ready(proc, port, "/readyz", ready_s)
+        yield port, proc
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def litserve_peer(
+    bundle: str | Path, threads: int, max_batch_size: int, batch_timeout_ms: float, ready_s: float = 300.0
+) -> Iterator[tuple[int, subprocess.Popen]]:
+    """The LitServe peer (service/bench/peer_litserve.py) on a free port, once /health is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.bench.peer_litserve", str(bundle), "--port", str(port)]
+    cmd += ["--threads", str(threads), "--max-batch-size", str(max_batch_size)]
+    cmd += ["--batch-timeout-ms", str(batch_timeout_ms)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(proc, port, "/health", ready_s)
+        yield port, proc
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """LitServe forks API-server and inference workers: stop the whole (own) process group."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def scrape_batches(port: int) -> dict:
+    """Shared-trunk batch statistics from /metrics (cumulative counters)."""
+    import re
+
+    text = get(port, "/metrics")[1].decode()
+
+    def val(name: str) -> float:
+        m = re.search("^" + re.escape(name) + r" (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    trunk = 'segment="trunk"'
+    return {
+        "batches": val("mtserve_batch_tasks_count"),
+        "tasks_sum": val("mtserve_batch_tasks_sum"),
+        "single_task": val('mtserve_batch_tasks_bucket{le="1.0"}'),
+        "rows": val(f"mtserve_batch_size_sum{{{trunk}}}"),
+        "calls": val(f"mtserve_batch_size_count{{{trunk}}}"),
+    }
+
+
+def batch_delta(before: dict, after: dict) -> dict:
+    d = {k: after[k] - before[k] for k in before}
+    return {
+        "trunk_calls": int(d["calls"]),
+        "mean_trunk_batch": round(d["rows"] / d["calls"], 2) if d["calls"] else 0.0,
+        "mean_tasks_per_batch": round(d["tasks_sum"] / d["batches"], 2) if d["batches"] else 0.0,
+    }
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2)
