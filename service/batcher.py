@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,8 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     taken: int = 0  # rows handed to batches so far
     done: int = 0  # rows computed so far
+    started: bool = False  # a batch holding its rows began computing (set under Batcher._lock)
+    abandoned: bool = False  # deadline passed or client left before it started: never computed
     out: list[np.ndarray | None] = field(default_factory=list)
 
     @property
@@ -69,7 +72,7 @@ def _take(queue: deque[Job], want: int, now: float, batch: Batch) -> int:
     got = 0
     while queue and got < want:
         job = queue[0]
-        if job.future.done():  # client left (cancelled) or already answered
+        if job.abandoned or job.future.done():  # client left, deadline passed, or answered
             queue.popleft()
             batch.skipped.append(job)
             continue
@@ -166,6 +169,8 @@ class Batcher:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._idle = True
+        self._in_flight: set[asyncio.Task] = set()  # batches handed to the executor, not yet done
+        self._lock = threading.Lock()  # Job.started / Job.abandoned, across loop and executor
 
     # -- admission ----------------------------------------------------------------------------
     def submit(self, task: str, x: np.ndarray, deadline: float) -> Job:
@@ -183,30 +188,38 @@ class Batcher:
             self._wakeup.set()
         return job
 
+    def _abandon(self, job: Job) -> bool:
+        """Give up a job that has not started computing (it never will); False if it started."""
+        with self._lock:
+            if job.started:
+                return False
+            job.abandoned = True
+        if not job.future.done():
+            job.future.cancel()
+        return True
+
     async def wait(self, job: Job, disconnected: Awaitable | None = None) -> list[np.ndarray]:
-        """The job's probabilities per row. 504 if its deadline passes before it was batched;
-        if the client leaves (``disconnected`` completes) the job is cancelled and skipped."""
+        """The job's probabilities per row. 504 if its deadline passes before it started computing
+        (then it never is); if the client leaves (``disconnected`` completes) it is skipped."""
         watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
         try:
             waiting = {job.future} | ({watcher} if watcher else set())
             while True:
-                timeout = job.deadline - time.monotonic() if job.taken == 0 else None
+                timeout = None if job.started else job.deadline - time.monotonic()
                 done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if job.future in done:
                     return job.future.result()
                 if watcher is not None and watcher in done:
-                    job.future.cancel()
+                    self._abandon(job)
                     raise ClientClosed("client disconnected")
-                if job.taken == 0:  # deadline passed while still queued: never computed
-                    job.future.cancel()
-                    raise DeadlineExceeded(
-                        f"deadline passed after {time.monotonic() - job.enqueued:.3f} s queued"
-                    )
+                if self._abandon(job):  # deadline passed before it started: never computed
+                    queued = time.monotonic() - job.enqueued
+                    raise DeadlineExceeded(f"deadline passed after {queued:.3f} s queued")
         finally:
             if watcher is not None:
                 watcher.cancel()
             if not job.future.done():
-                job.future.cancel()
+                self._abandon(job)
 
     # -- the loop -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -218,6 +231,8 @@ class Batcher:
         self._wakeup.set()
         if self._loop_task is not None:
             await self._loop_task
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
         self.executor.shutdown(wait=True)
 
     def _oldest(self) -> float | None:
@@ -225,20 +240,27 @@ class Batcher:
         return min(heads) if heads else None
 
     async def _fill(self) -> None:
-        """Wait until a batch is full or the oldest waiting row has waited ``max_wait``."""
+        """Wait until a batch is full, or the oldest row has waited ``max_wait`` and the engine is
+        free (while it is busy, rows keep gathering: larger batches, no extra latency)."""
         while self.queued_rows < self.max_batch_size and not self._stopping:
             oldest = self._oldest()
             if oldest is None:
                 return
             left = oldest + self.max_wait - time.monotonic()
-            if left <= 0:
+            if left <= 0 and not self._in_flight:
                 return
             self._wakeup.clear()
+            if left <= 0:  # woken by a full queue or by the engine finishing its batch
+                await self._wakeup.wait()
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), left)
 
     async def _run(self) -> None:
         while True:
+            if len(self._in_flight) >= 2:  # one batch running, the next one ready behind it
+                await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+                continue
             if self.queued_rows <= 0:
                 if self._stopping:
                     return
@@ -254,7 +276,6 @@ class Batcher:
                 await asyncio.sleep(0.001)
 
     async def _step(self) -> None:
-        loop = asyncio.get_running_loop()
         await self._fill()
         now = time.monotonic()
         batch = collect(self.queues, self.max_batch_size, now, self._start, self.per_task)
@@ -269,30 +290,54 @@ class Batcher:
             for job, a, _ in batch.slices:
                 if a == 0:
                     self.observe_queue(job.task, now - job.enqueued)
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._in_flight.add(task)
+
+    async def _execute(self, batch: Batch) -> None:
+        """Run one batch in the executor thread and hand every job its rows."""
+        loop = asyncio.get_running_loop()
         try:
-            probs = await loop.run_in_executor(self.executor, self._compute, batch)
+            live, probs = await loop.run_in_executor(self.executor, self._compute, batch)
         except Exception as exc:  # an engine failure fails this batch, never the loop
             log.exception("batch of %d rows failed", batch.rows)
             for job, _, _ in batch.slices:
                 if not job.future.done():
                     job.future.set_exception(exc)
-            return
-        self._deliver(batch, probs)
+        else:
+            self._deliver(live, probs)
+            for job in batch.expired:
+                if not job.future.done():
+                    job.future.set_exception(DeadlineExceeded("deadline passed before its batch ran"))
+        finally:
+            self._in_flight.discard(asyncio.current_task())
+            self._wakeup.set()  # the engine is free: a waiting batch may go
 
-    def _compute(self, batch: Batch) -> list[np.ndarray]:
-        """Runs in the executor thread: concatenate, infer, softmax."""
-        parts = [job.x[a:b] for job, a, b in batch.slices]
+    def _compute(self, batch: Batch) -> tuple[list[tuple[Job, int, int]], list[np.ndarray]]:
+        """Runs in the executor thread: drop jobs abandoned while the batch waited, mark the rest
+        started, concatenate, infer, softmax."""
+        now = time.monotonic()
+        with self._lock:
+            for job, _, _ in batch.slices:  # past its deadline and not started: never computed
+                if not job.started and job.deadline <= now:
+                    job.abandoned = True
+                    batch.expired.append(job)
+            live = [s for s in batch.slices if not s[0].abandoned]
+            for job, _, _ in live:
+                job.started = True
+        if not live:
+            return live, []
+        parts = [job.x[a:b] for job, a, b in live]
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        tasks = batch.tasks
+        tasks = [job.task for job, a, b in live for _ in range(b - a)]
         logits, runs = self.engine.infer(x, tasks)
         if self.observe_segments is not None:
             self.observe_segments(runs)
-        return softmax_rows(logits, tasks)
+        return live, softmax_rows(logits, tasks)
 
     @staticmethod
-    def _deliver(batch: Batch, probs: list[np.ndarray]) -> None:
+    def _deliver(slices: list[tuple[Job, int, int]], probs: list[np.ndarray]) -> None:
         i = 0
-        for job, a, b in batch.slices:
+        for job, a, b in slices:
             job.out[a:b] = probs[i : i + b - a]
             i += b - a
             job.done += b - a

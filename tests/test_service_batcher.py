@@ -254,3 +254,20 @@ async def test_rows_come_back_to_their_own_request():
         assert all(np.allclose(p, want, atol=1e-6) for p in probs)
     assert max(len(set(c)) for c in engine.calls) > 1  # some batch mixed tasks
     await b.stop()
+
+
+async def test_rows_keep_gathering_while_the_engine_is_busy():
+    """Past max_wait, a partial batch still waits for the engine to be free (Triton-style): no
+    small batches queued behind a busy engine; a full batch goes at once."""
+    b, engine = make(max_batch_size=8, max_wait_ms=5)
+    engine.gate.clear()
+    first = b.submit("digits", rows(1), far())
+    await asyncio.sleep(0.05)
+    later = []
+    for t in TASKS:
+        later.append(b.submit(t, rows(1), far()))
+        await asyncio.sleep(0.02)  # each one older than max_wait
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(b.wait(j) for j in [first, *later])), 5)
+    assert [len(c) for c in engine.calls] == [1, 3]
+    await b.stop()
