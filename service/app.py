@@ -59,7 +59,7 @@ def create_app(
         summary=f"Multi-task image classification: bundle {m.name} {m.version}, tasks {', '.join(m.tasks)}",
         version=v2._version(),
         lifespan=lifespan,
-        telemetry={"tracing": False, "metrics": False},  # Prometheus is the metrics surface
+        telemetry={"tracing": False, "metrics": False, "logs": False},  # Prometheus is the metrics surface
     )
     app.state.service = service
     errors.install(app)

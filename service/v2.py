@@ -9,6 +9,7 @@ parameter, BYTES ``[N, k]`` of ``"score:index:label"`` strings, the way Triton d
 from __future__ import annotations
 
 import json
+import math
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -99,7 +100,7 @@ def read_input(s: Service, req: V2InferRequest, binary: bytes) -> tuple[np.ndarr
             x = np.frombuffer(raw, "<f4") if raw is not None else np.asarray(t.data, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"input {t.name!r}: data is not an FP32 tensor ({exc})") from None
-        if x.size != int(np.prod(want)):
+        if x.size != math.prod(want):
             raise InvalidInput(f"input {t.name!r}: {x.size} values for shape {want}")
         x = x.reshape(want).astype(np.float32, copy=False)
         if not np.isfinite(x).all():
@@ -113,7 +114,7 @@ def read_input(s: Service, req: V2InferRequest, binary: bytes) -> tuple[np.ndarr
             if not all(isinstance(v, str) for v in items):
                 raise InvalidInput(f"input {t.name!r}: BYTES data must be strings")
             blobs = [_decode_string(v) for v in items]
-        if len(blobs) != int(np.prod(t.shape)) or len(blobs) != n:
+        if len(blobs) != math.prod(t.shape) or len(blobs) != n:
             raise InvalidInput(
                 f"input {t.name!r}: {len(blobs)} elements for shape {t.shape}; use [N] or [N, 1]"
             )
