@@ -97,7 +97,9 @@ async def readyz(request: Request) -> JSONResponse:
         "providers": s.engine.providers,
     }
     if s.failed:
-        body |= {"status": "failed", "error": s.failed}
+        body["status"] = "failed"
+    if body["status"] != "ready":
+        body["error"] = {"code": "not_ready", "message": s.failed or body["status"]}
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 

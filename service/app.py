@@ -20,6 +20,7 @@ from service.engine import Engine, OrtEngine
 from service.inputs import BodyLimit
 from service.metrics import RequestMetrics
 from service.runtime import Service
+from service.schemas import PredictJSON, V2InferRequest
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
@@ -36,6 +37,24 @@ def build_engine(settings: Settings) -> Engine:
         device_id=settings.device_id,
         warmup_batch_sizes=warmup,
     )
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Request bodies the routes read themselves (several media types, binary extension) are
+    not FastAPI parameters: add their schemas to the OpenAPI components."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (PredictJSON, V2InferRequest):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+        return app.openapi_schema or schema
+
+    app.openapi = openapi
 
 
 def create_app(
@@ -68,6 +87,7 @@ def create_app(
     # the tensor route again as a plain Starlette route, matched first: FastAPI's per-request
     # parameter solving costs more than the route itself (OpenAPI documents the FastAPI one)
     app.router.routes[:0] = [Route(path, v2.infer_endpoint, methods=["POST"]) for path in v2.INFER_PATHS]
+    _document_bodies(app)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every status
     return app

@@ -215,9 +215,27 @@ async def model_ready(request: Request, task: str, model_version: str | None = N
 INFER_PATHS = ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{model_version}/infer")
 
 
-@router.post("/models/{task}/infer", response_model=V2InferResponse, responses=ERRORS)
+INFER_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Triton binary tensor extension: JSON header, then the bytes",
+            },
+        }
+    }
+}
+
+
 @router.post(
-    "/models/{task}/versions/{model_version}/infer", response_model=V2InferResponse, responses=ERRORS
+    "/models/{task}/infer", response_model=V2InferResponse, responses=ERRORS, openapi_extra=INFER_BODY
+)
+@router.post(
+    "/models/{task}/versions/{model_version}/infer",
+    response_model=V2InferResponse,
+    responses=ERRORS,
+    openapi_extra=INFER_BODY,
 )
 async def infer(request: Request, task: str, model_version: str | None = None) -> JSONResponse:
     """Classify an FP32 tensor (preprocessed) or BYTES encoded images for one task."""

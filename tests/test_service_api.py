@@ -428,7 +428,7 @@ async def test_not_ready_503(served):
     r = await client.post("/predict/digits", content=PNG, headers={"content-type": "image/png"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
     ready = await client.get("/readyz")
-    assert ready.status_code == 503 and "no such provider" in ready.json()["error"]
+    assert ready.status_code == 503 and "no such provider" in ready.json()["error"]["message"]
     assert (await client.get("/v2/health/ready")).status_code == 503
     assert (await client.get("/v2/models/digits/ready")).status_code == 503
 

@@ -217,6 +217,21 @@ def test_serve_refuses_a_bad_bundle_with_one_line(tmp_path):
     assert "shared.onnx" in r.stderr and "sha256" in r.stderr
 
 
+def test_serve_exits_1_when_onnxruntime_cannot_load_a_file(tmp_path):
+    """sha256 matches but the file is no ONNX model: the engine fails in the background, the
+    server stops on its own with exit code 1 and a message naming the file."""
+    write_bundle(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", str(tmp_path), "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "onnxruntime cannot load" in r.stderr and ".onnx" in r.stderr
+
+
 def test_decode_guard_against_huge_images():
     from service.errors import PayloadTooLarge
     from service.preprocess import decode
