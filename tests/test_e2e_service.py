@@ -86,6 +86,25 @@ def metric(text: str, pattern: str) -> float:
     return float(m.group(1))
 
 
+def test_client_that_disconnects_is_never_computed(server):
+    _, url = server
+    port = int(url.rsplit(":", 1)[1])
+    blob = png(9)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        head = "POST /predict/shapes HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        s.sendall(f"{head}Content-Length: {len(blob)}\r\n\r\n".encode() + blob)
+        time.sleep(0.02)  # well inside max_wait_ms=100: the batch has not formed yet
+    trunk = 'mtserve_batch_size_count{segment="trunk"}'
+    for _ in range(100):
+        text = httpx.get(url + "/metrics").text
+        if 'code="499",task="shapes"' in text:
+            break
+        time.sleep(0.05)
+    assert metric(text, re.escape('mtserve_requests_total{code="499",task="shapes"}')) == 1
+    time.sleep(0.2)
+    assert metric(httpx.get(url + "/metrics").text, re.escape(trunk)) == 0  # nothing computed
+
+
 def test_cross_task_batches_equal_requests_alone_then_graceful_shutdown(server):
     proc, url = server
     images = [png(i) for i in range(4)]
