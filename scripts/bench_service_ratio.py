@@ -37,7 +37,7 @@ from service.bundle import load_bundle  # noqa: E402
 
 # -- 1. raw onnxruntime ---------------------------------------------------------------------------
 def raw_runner(bundle_dir: str, batch: int, threads: int):
-    """A function ``measure(seconds) -> rows/s`` over sessions created once."""
+    """A function ``measure(seconds) -> (rows/s, CPU s/row)`` over sessions created once."""
     import onnxruntime as ort
 
     b = load_bundle(bundle_dir)
@@ -68,14 +68,15 @@ def raw_runner(bundle_dir: str, batch: int, threads: int):
             if i < len(m.segments) - 1:
                 cur = outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def measure(seconds: float) -> float:
+    def measure(seconds: float) -> tuple[float, float]:
+        """(rows/s, CPU seconds per row, all threads of this process)."""
         for _ in range(3):
             once()
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             once()
             n += batch
-        return n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
     return measure
 
@@ -88,11 +89,13 @@ def http_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
 
 
 async def load(port: int, requests: list[bytes], concurrency: int, seconds: float, warmup: float = 1.0):
-    """Keep ``concurrency`` requests in flight for ``warmup + seconds``; return (count, latencies, codes)."""
+    """Keep ``concurrency`` requests in flight for ``warmup + seconds``; return (count, latencies,
+    codes, count including the warm-up)."""
     start = time.perf_counter()
     t_begin, t_end = start + warmup, start + warmup + seconds
     lat: list[float] = []
     codes: Counter = Counter()
+    total = [0]
     clen = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 
     async def worker(k: int) -> None:
@@ -104,13 +107,14 @@ async def load(port: int, requests: list[bytes], concurrency: int, seconds: floa
             head = await reader.readuntil(b"\r\n\r\n")
             await reader.readexactly(int(clen.search(head).group(1)))
             done = time.perf_counter()
+            total[0] += 1
             if now >= t_begin:
                 lat.append(done - now)
                 codes[int(head[9:12])] += 1
         writer.close()
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return len(lat), np.asarray(lat), codes
+    return len(lat), np.asarray(lat), codes, total[0]
 
 
 # -- the server --------------------------------------------------------------------------------------
@@ -147,6 +151,12 @@ def start_server(args, port: int) -> subprocess.Popen:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("server never became ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port: int) -> str:
@@ -244,14 +254,19 @@ def main() -> None:
         reqs = tensor_requests(manifest, args.rows_per_request, args.encoding)
         runs = []
         for _ in range(args.repeat):
-            raw_rate = raw(args.seconds) if raw else None
-            before = scrape(port)
-            n, lat, codes = asyncio.run(load(port, reqs, conc, args.seconds))
+            raw_rate, raw_cpu = raw(args.seconds) if raw else (None, None)
+            before, cpu0 = scrape(port), cpu_seconds(proc.pid)
+            n, lat, codes, total = asyncio.run(load(port, reqs, conc, args.seconds))
+            svc_cpu = (cpu_seconds(proc.pid) - cpu0) / (total * args.rows_per_request)
             svc = n * args.rows_per_request / args.seconds
             run = {
                 "raw_rows_per_s": round(raw_rate, 1) if raw_rate else None,
                 "service_rows_per_s": round(svc, 1),
                 "ratio": round(svc / raw_rate, 3) if raw_rate else None,
+                # CPU-normalised: rows per CPU-second, server process vs raw (immune to other load)
+                "raw_cpu_ms_per_row": round(raw_cpu * 1e3, 3) if raw_cpu else None,
+                "service_cpu_ms_per_row": round(svc_cpu * 1e3, 3),
+                "cpu_ratio": round(raw_cpu / svc_cpu, 3) if raw_cpu else None,
                 "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
                 "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2),
                 "codes": dict(codes),
@@ -267,12 +282,17 @@ def main() -> None:
         }
         if raw:
             result["ratio_median"] = float(np.median([r["ratio"] for r in runs]))
-            print("ratio (median of", len(runs), "):", result["ratio_median"], flush=True)
+            result["cpu_ratio_median"] = float(np.median([r["cpu_ratio"] for r in runs]))
+            print(
+                f"ratio (median of {len(runs)}): {result['ratio_median']}, "
+                f"CPU-normalised: {result['cpu_ratio_median']}",
+                flush=True,
+            )
 
         result["predict"] = []
         for c in [int(v) for v in args.latency.split(",") if v]:
             before = scrape(port)
-            n, lat, codes = asyncio.run(load(port, image_requests(manifest), c, args.seconds))
+            n, lat, codes, _ = asyncio.run(load(port, image_requests(manifest), c, args.seconds))
             row = {
                 "concurrency": c,
                 "requests_per_s": round(n / args.seconds, 1),
