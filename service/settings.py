@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     preprocess_workers: int = Field(0, ge=0, description="decode/preprocess threads; 0 = CPUs available")
     warmup: bool = True
     verify_sha256: bool = True
+
+    @model_validator(mode="after")
+    def _admissible(self) -> Settings:
+        if self.queue_size < self.max_images_per_request:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) must be >= max_images_per_request "
+                f"({self.max_images_per_request}), or a full request could never be admitted"
+            )
+        return self
 
     def intra_op_threads(self) -> int:
         return self.threads or available_cpus()

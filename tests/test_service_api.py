@@ -392,7 +392,9 @@ async def test_nan_tensor_is_422(client):
     assert r.status_code == 422
 
 
-@pytest.mark.parametrize("served", [{"queue_size": 1, "max_batch_size": 1}], indirect=True)
+@pytest.mark.parametrize(
+    "served", [{"queue_size": 1, "max_batch_size": 1, "max_images_per_request": 1}], indirect=True
+)
 async def test_queue_full_429_with_retry_after(served):
     client, _app, engine = served
     engine.gate.clear()

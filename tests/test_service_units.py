@@ -204,6 +204,15 @@ def test_flags_override_env_which_override_defaults(monkeypatch):
     assert s.max_batch_size == 32 and s.intra_op_threads() >= 1
 
 
+def test_settings_refuse_a_queue_smaller_than_a_request():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="queue_size"):
+        Settings(bundle="b", queue_size=8, max_images_per_request=16)
+
+
 def test_serve_refuses_a_bad_bundle_with_one_line(tmp_path):
     write_bundle(tmp_path, _edit_file)
     r = subprocess.run(
