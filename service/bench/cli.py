@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="per load point (resnet50: x1.6)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--p99-demo-ms", type=float, default=50.0, help="p99 target of the demo model")
+    p.add_argument("--r50-max-batch-size", type=int, default=8, help="max batch size for resnet50")
+    p.add_argument("--p99-demo-ms", type=float, default=100.0, help="p99 target of the demo model")
     p.add_argument("--p99-r50-ms", type=float, default=2000.0, help="p99 target of resnet50")
     p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
 
@@ -58,7 +59,14 @@ def contexts(args: argparse.Namespace) -> dict[str, Ctx]:
     if args.quick:
         base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
         return {"demo": base, "r50": base}  # models' warm-up shortened in run()
-    r50 = replace(base, seconds=args.seconds * 1.6, rates=(0.4, 0.7, 1.0, 1.3), mixes=("uniform",))
+    # resnet50: compute-bound, so batch 8 runs as fast per image as 32 (and warms up 4x sooner)
+    r50 = replace(
+        base,
+        seconds=args.seconds * 1.6,
+        rates=(0.4, 0.7, 1.0, 1.3),
+        mixes=("uniform",),
+        max_batch_size=args.r50_max_batch_size,
+    )
     return {"demo": base, "r50": r50}
 
 

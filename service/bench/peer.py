@@ -6,22 +6,7 @@ from importlib.util import find_spec
 
 from service.bench import loadgen, payloads, report, server
 from service.bench.context import Ctx, Model
-from service.bench.http_scenarios import at_target, sweep
-
-
-def _measure(ctx: Ctx, model: Model, port: int, reqs: dict[str, bytes], rates: list[float] | None):
-    tasks = list(reqs)
-    mix = loadgen.task_mix(tasks, "uniform")
-    closed = loadgen.run(
-        loadgen.closed_loop(port, reqs, [mix] * (2 * ctx.max_batch_size), ctx.seconds, model.warmup_s)
-    ).summary()
-    rates = rates or [round(f * closed["throughput_rps"], 1) for f in ctx.rates]
-    points = sweep(ctx, model, port, reqs, mix, rates)
-    return {
-        "closed": closed,
-        "open": points,
-        "at_p99_target_rps": at_target(points, model.p99_target_ms),
-    }, rates
+from service.bench.http_scenarios import interleaved
 
 
 def peer(ctx: Ctx, model: Model) -> dict:
@@ -33,13 +18,19 @@ def peer(ctx: Ctx, model: Model) -> dict:
         return result
     m = model.manifest()
     tasks = list(m.tasks)
-    runs = {}
-    with server.mtserve(model.bundle, ctx.threads, ctx.server_args()) as (port, _):
-        runs["mtserve"], rates = _measure(ctx, model, port, payloads.json_requests(m, tasks), None)
-    with server.litserve_peer(model.bundle, ctx.threads, ctx.max_batch_size, ctx.max_wait_ms) as (port, _):
-        runs["litserve"], _ = _measure(
-            ctx, model, port, payloads.json_requests(m, tasks, litserve=True), rates
+    mix = loadgen.task_mix(tasks, "uniform")
+    reqs = {
+        "mtserve": payloads.json_requests(m, tasks),
+        "litserve": payloads.json_requests(m, tasks, litserve=True),
+    }
+    with (
+        server.mtserve(model.bundle, ctx.threads, ctx.server_args()) as (p0, _),
+        server.litserve_peer(model.bundle, ctx.threads, ctx.max_batch_size, ctx.max_wait_ms) as (p1, _),
+    ):
+        runs = interleaved(
+            ctx, model, {"mtserve": p0, "litserve": p1}, reqs, [mix] * (2 * ctx.max_batch_size), mix
         )
+    rates = [p["offered_rps"] for p in runs["mtserve"]["open"]]
     rows = [
         {
             "server": name,
