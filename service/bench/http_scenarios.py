@@ -203,15 +203,21 @@ def idle(ctx: Ctx, model: Model, requests: int = 200, pause_s: float = 0.01) -> 
     for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True):
         args = ["--max-batch-size", str(ctx.max_batch_size), "--max-wait-ms", str(wait)]
         with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
-            for route, reqs, extra in (
+            routes = [
                 ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), 0.0),
                 ("/predict JPEG", payloads.jpeg_requests(m, tasks), pre_p50),
-            ):
+            ]
+            if wait == 0:  # the HTTP floor: a route that touches neither the batcher nor the engine
+                floor = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                routes.append(("GET /healthz (no model)", dict.fromkeys(tasks, floor), None))
+            for route, reqs, extra in routes:
                 mix = loadgen.task_mix(tasks, "uniform")
                 res = loadgen.run(
                     loadgen.closed_loop(port, reqs, [mix], seconds, model.warmup_s, pause=pause_s)
                 )
                 s = res.summary()
+                eng = 0.0 if extra is None else eng_p50  # the floor runs no model
+                extra = extra or 0.0
                 rows.append(
                     {
                         "max_wait_ms": wait,
@@ -219,10 +225,10 @@ def idle(ctx: Ctx, model: Model, requests: int = 200, pause_s: float = 0.01) -> 
                         "requests": s["requests"],
                         "p50_ms": s["p50_ms"],
                         "p99_ms": s["p99_ms"],
-                        "engine_bs1_p50_ms": round(eng_p50, 3),
+                        "engine_bs1_p50_ms": round(eng, 3),
                         "decode_p50_ms": round(extra, 3),
-                        "overhead_p50_ms": round(s["p50_ms"] - eng_p50, 3),
-                        "overhead_minus_decode_ms": round(s["p50_ms"] - eng_p50 - extra, 3),
+                        "overhead_p50_ms": round(s["p50_ms"] - eng, 3),
+                        "overhead_minus_decode_ms": round(s["p50_ms"] - eng - extra, 3),
                     }
                 )
     result |= {

@@ -30,6 +30,8 @@ def _p5_rows(results: dict) -> list[dict]:
     rows = []
     for key in ("idle-demo", "idle-r50"):
         for r in results.get(key, {}).get("rows", []):
+            if r["route"].startswith("GET"):
+                continue  # the HTTP floor: evidence, not a target
             v = r["overhead_p50_ms"]
             rows.append(
                 {
