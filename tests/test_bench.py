@@ -15,7 +15,6 @@ from service.bench.cli import SCENARIOS
 from service.cli import main
 
 pytest.importorskip("matplotlib")
-pytest.importorskip("psutil")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ DEFAULT_MODELS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    p.add_argument(
+        "scenario", choices=[*SCENARIOS, "all", "summary"], help="summary: rebuild summary.md from --out"
+    )
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     p.add_argument("--models", help="comma list of demo,r50 (default: per scenario, see docs/bench.md)")
     p.add_argument("--demo", default="bundles/demo", help="the demo bundle (engine, P1, P4, P5)")
@@ -101,6 +103,14 @@ def engine_scenario(ctx: Ctx, model: Model, run_engine) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scenario == "summary":
+        from service.bench.summary import write_summary
+
+        out = Path(args.out)
+        found = {f.stem: json.loads(f.read_text()) for f in out.glob("*-*.json")}
+        write_summary(out, found, float("nan"))
+        print((out / "summary.md").read_text())
+        return 0
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
     ms, ctxs = models(args), contexts(args)
     results: dict[str, dict] = {}
