@@ -1,0 +1,149 @@
+"""``mtserve experiment paper``: the paper's plan comparison (torch is imported only in run())."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+QUICK = {"steps": 3, "seeds": [0], "max_train_per_class": 8, "max_val_per_class": 4, "batch_per_task": 4}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    p = sub.add_parser("paper", help="shared / top:K / bottom:K' / independent at equal task-specific share")
+    p.add_argument("--data", type=Path, required=True, help="multi-domain data root (mtserve data mdb)")
+    p.add_argument("--control-data", type=Path, help="control root: one domain, labels differ (mdb-control)")
+    p.add_argument("--out", type=Path, required=True, help="results folder: results.json, table.md, plot.png")
+    p.add_argument("--quick", action="store_true", help="seconds: 3 steps, 1 seed, 8 images per class")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per plan (default 3)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    p.add_argument("--batch-per-task", type=int, default=16, help="images per task per step (default 16)")
+    p.add_argument("--lr", type=float, default=0.002, help="AdamW learning rate (default 0.002)")
+    p.add_argument("--backbone", default="resnet34", help="timm backbone (default resnet34)")
+    p.add_argument(
+        "--timm-kwargs",
+        default='{"channels": [16, 32, 64, 128], "stem_width": 16}',
+        help="JSON timm.create_model kwargs (default: quarter-width ResNet)",
+    )
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument(
+        "--levels",
+        type=_floats,
+        help="matched top/bottom levels, e.g. 0.66,0.85 "
+        "(default: the two smallest proportions top:K can reach)",
+    )
+    p.add_argument(
+        "--bottom-levels",
+        type=_floats,
+        default=[0.05, 0.25],
+        help="extra bottom:K levels that no top:K reaches (default 0.05,0.25)",
+    )
+    p.add_argument("--max-train-per-class", type=int, help="cap train images per class (symlinked subset)")
+    p.add_argument("--max-val-per-class", type=int, help="cap val images per class")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--work", type=Path, help="run directories and data subsets (default runs/experiment-<out>)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="replace an existing results.json instead of resuming"
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite table.md and plot.png from results.json"
+    )
+
+
+def settings_from(args: argparse.Namespace) -> dict:
+    """The settings every run shares; a resumed experiment must match them exactly."""
+    s = {
+        "backbone": args.backbone,
+        "timm_kwargs": json.loads(args.timm_kwargs) if args.timm_kwargs else {},
+        "input_size": args.input_size,
+        "steps": args.steps,
+        "batch_per_task": args.batch_per_task,
+        "lr": args.lr,
+        "weight_decay": 0.05,
+        "seeds": list(range(args.seeds)),
+        "levels": args.levels,
+        "bottom_levels": args.bottom_levels,
+        "max_train_per_class": args.max_train_per_class,
+        "max_val_per_class": args.max_val_per_class,
+        "threads": args.threads,
+        "workers": args.workers,
+        "device": args.device,
+        "quick": args.quick,
+    }
+    if args.quick:
+        s |= QUICK
+    s["warmup_steps"] = min(max(s["steps"] // 20, 1), s["steps"] - 1)
+    s["work_dir"] = str(args.work or Path("runs") / f"experiment-{args.out.name}")
+    return s
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The invocation spelled out with every option, so it reproduces the run exactly."""
+    parts = ["mtserve", "experiment", "paper", "--data", str(args.data), "--out", str(args.out)]
+    if args.control_data:
+        parts += ["--control-data", str(args.control_data)]
+    for flag in (
+        "seeds",
+        "steps",
+        "batch_per_task",
+        "lr",
+        "backbone",
+        "timm_kwargs",
+        "input_size",
+        "levels",
+        "bottom_levels",
+        "max_train_per_class",
+        "max_val_per_class",
+        "threads",
+        "workers",
+        "device",
+        "work",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts += ["--" + flag.replace("_", "-"), value]
+    return shlex.join(parts + (["--quick"] if args.quick else []))
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.experiment_report import write_report
+
+    out: Path = args.out
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        for path in write_report(results, out):
+            print(f"wrote {path}")
+        return 0
+    from training.experiment import run_experiment
+
+    datasets = {"mdb": args.data} | ({"control": args.control_data} if args.control_data else {})
+    settings = settings_from(args)
+    start = time.perf_counter()
+    command = command_line(args)
+    results = run_experiment(
+        datasets,
+        out,
+        settings,
+        fresh=args.fresh,
+        command=command,
+        say=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    results.data["wall_s_last_invocation"] = time.perf_counter() - start
+    results.save()
+    table, plot = write_report(results.data, out)
+    print(table.read_text())
+    print(f"wrote {out / 'results.json'}, {table}, {plot} in {time.perf_counter() - start:.0f} s")
+    return 0
