@@ -7,6 +7,7 @@ run of the same seed (same initial weights and data order).
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import subprocess
@@ -126,8 +127,9 @@ def _pm(m: float, s: float, scale: float = 100.0, digits: int = 1) -> str:
 def table_markdown(results: Mapping[str, Any]) -> str:
     """The markdown table: one section per dataset, then the matched-level gaps."""
     st = results["settings"]
+    kwargs = f" `{json.dumps(st['timm_kwargs'])}`" if st["timm_kwargs"] else ""
     lines = [
-        f"Backbone `{st['backbone']}` {st['timm_kwargs'] or ''} at {st['input_size']} px, {st['steps']} "
+        f"Backbone `{st['backbone']}`{kwargs} at {st['input_size']} px, {st['steps']} "
         f"steps x {st['batch_per_task']} images per task, AdamW lr {st['lr']}, seeds {st['seeds']}. "
         "Top-1 accuracy in % on each task's val split (mean ± std over seeds), final step."
     ]
@@ -158,6 +160,8 @@ def table_markdown(results: Mapping[str, Any]) -> str:
                     f"({g['top_proportion']:.1%}) | {_pm(g['gap'], g['gap_std'], digits=2)} | "
                     f"{g['bottom_wins']}/{len(g['seeds'])} seeds |"
                 )
+    wall = sum(r["wall_s"] for r in results["runs"])
+    lines += ["", f"{len(results['runs'])} runs, {wall / 60:.1f} min of training + evaluation in total."]
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +180,11 @@ def plot_png(results: Mapping[str, Any], path: Path) -> None:
             pts = sorted((r["proportion"], *r["mean"]) for r in rows if r["kind"] == kind)
             if pts:
                 x, y, e = zip(*pts, strict=True)
+                plans = sorted((r["proportion"], r["plan"]) for r in rows if r["kind"] == kind)
+                for (px, label), py in zip(plans, y, strict=True):
+                    ax.annotate(
+                        label, (100 * px, 100 * py), textcoords="offset points", xytext=(4, 4), fontsize=7
+                    )
                 ax.errorbar(
                     [100 * v for v in x],
                     [100 * v for v in y],
