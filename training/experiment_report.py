@@ -199,7 +199,7 @@ def plot_png(results: Mapping[str, Any], path: Path) -> None:
             title=f"{name} ({len(results['datasets'][name]['tasks'])} tasks)",
         )
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
