@@ -144,3 +144,36 @@ def test_quick_end_to_end_and_resume(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="other settings"):
         Results(out / "results.json", {"steps": 99})
+
+
+def test_same_initial_function_for_every_plan(tmp_path: Path) -> None:
+    """Same init policy: for one seed, every plan starts as the same function of each task."""
+    torch = pytest.importorskip("torch")
+    from training.checkpoint import build_run
+    from training.config import parse_config
+    from training.experiment import train_config
+    from training.imagefolder import load_task
+    from training.trainer import seed_everything
+
+    data = _image_folder(tmp_path / "mdb", {"alpha": 3, "beta": 2, "gamma": 4})
+    settings = {
+        "backbone": "test_resnet",
+        "timm_kwargs": {},
+        "input_size": 32,
+        "steps": 2,
+        "warmup_steps": 1,
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "batch_per_task": 2,
+        "device": "cpu",
+        "workers": 0,
+    }
+    x = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for plan in ("shared", "top:4", "bottom:2", "independent"):
+        cfg = parse_config(train_config(data, ["alpha", "beta", "gamma"], plan, 7, settings))
+        seed_everything(cfg.seed)  # what the trainer does before building the run
+        net = build_run(cfg, [load_task(n, t.root) for n, t in cfg.tasks.items()]).net.eval()
+        outputs[plan] = [net.forward_task(x, t) for t in ("alpha", "beta", "gamma")]
+    for plan, outs in outputs.items():
+        assert all(torch.equal(a, b) for a, b in zip(outs, outputs["shared"], strict=True)), plan

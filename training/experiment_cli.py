@@ -9,7 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-QUICK = {"steps": 3, "seeds": [0], "max_train_per_class": 8, "max_val_per_class": 4, "batch_per_task": 4}
+QUICK = {
+    "steps": 3,
+    "seeds": [0],
+    "max_train_per_class": 8,
+    "max_val_per_class": 4,
+    "batch_per_task": 4,
+    "workers": 0,
+}
 
 
 def _floats(text: str) -> list[float]:
@@ -22,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="multi-domain data root (mtserve data mdb)")
     p.add_argument("--control-data", type=Path, help="control root: one domain, labels differ (mdb-control)")
     p.add_argument("--out", type=Path, required=True, help="results folder: results.json, table.md, plot.png")
-    p.add_argument("--quick", action="store_true", help="seconds: 3 steps, 1 seed, 8 images per class")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds: 3 steps, 1 seed, 8 train / 4 val images per class, no workers",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per plan (default 3)")
     p.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     p.add_argument("--batch-per-task", type=int, default=16, help="images per task per step (default 16)")
