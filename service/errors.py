@@ -62,6 +62,22 @@ class BundleError(ValueError):
     """A bundle that must not be served; the message names the file and the field."""
 
 
+class Unauthorized(ServiceError):
+    """Admin route without the right bearer token (answered with ``WWW-Authenticate``)."""
+
+
+class Forbidden(ServiceError):
+    """Admin request for something outside what it may touch (a path outside the model directory)."""
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the server's state (a reload already in progress)."""
+
+
+class IncompatibleBundle(ServiceError):
+    """A valid bundle that cannot replace the one served; the message names the field."""
+
+
 # exception type -> (HTTP status, error code). The first matching class (in MRO order) wins.
 STATUS: dict[type[BaseException], tuple[int, str]] = {
     UnknownTask: (404, "unknown_task"),
@@ -73,6 +89,11 @@ STATUS: dict[type[BaseException], tuple[int, str]] = {
     DeadlineExceeded: (504, "deadline_exceeded"),
     NotReady: (503, "not_ready"),
     ClientClosed: (499, "client_closed_request"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
+    Conflict: (409, "conflict"),
+    IncompatibleBundle: (409, "incompatible_bundle"),
+    BundleError: (422, "invalid_bundle"),  # raised by routes only for POST /admin/reload
 }
 
 
