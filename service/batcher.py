@@ -4,9 +4,10 @@ A request becomes a :class:`Job` (its rows, its task, its deadline, its future).
 FIFO per task. :func:`collect` forms a batch of up to ``max_rows`` rows, max-min fair across tasks
 (round robin in shrinking quanta, starting from a rotating task), splitting a job across batches
 when needed; it drops jobs whose client left and answers 504 for jobs whose deadline passed,
-before computing anything. :class:`Batcher` runs the loop: wait for the first row, wait up to
-``max_wait_ms`` (counted from the oldest row) for a full batch, collect, run the engine in its
-executor thread, hand each job its rows.
+before computing anything. :class:`Batcher` runs the loop (continuous batching): rows that reach an
+idle engine go at once; while a batch runs, the next one gathers rows (queued behind the running
+one as soon as it is full); when the engine finishes, they go once the oldest has waited
+``max_wait_ms``. Batches run in one executor thread; each job gets its rows back.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class Batcher:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._idle = True
+        self._free_since = 0.0  # when the engine last finished its work (monotonic)
         self._in_flight: set[asyncio.Task] = set()  # batches handed to the executor, not yet done
         self._lock = threading.Lock()  # Job.started / Job.abandoned, across loop and executor
 
@@ -184,7 +186,7 @@ class Batcher:
         job.out = [None] * n
         self.queues[task].append(job)
         self.queued_rows += n
-        if self._idle or self.queued_rows >= self.max_batch_size:  # else the loop sleeps till max_wait
+        if self._idle or self.queued_rows >= self.max_batch_size:  # else the loop is gathering
             self._wakeup.set()
         return job
 
@@ -240,19 +242,27 @@ class Batcher:
         return min(heads) if heads else None
 
     async def _fill(self) -> None:
-        """Wait until a batch is full, or the oldest row has waited ``max_wait`` and the engine is
-        free (while it is busy, rows keep gathering: larger batches, no extra latency)."""
+        """Continuous batching: return when the next batch should be collected.
+
+        - Rows that reached an idle engine go at once: no waiting at low load.
+        - While a batch runs, the next one gathers rows. A full batch is queued behind the running
+          one (the engine goes straight on to it); a partial one waits for the engine to finish.
+        - When the engine finishes, rows that arrived while it worked go once their oldest has
+          waited ``max_wait`` (usually already true: they waited for the batch before them).
+        """
         while self.queued_rows < self.max_batch_size and not self._stopping:
             oldest = self._oldest()
             if oldest is None:
                 return
-            left = oldest + self.max_wait - time.monotonic()
-            if left <= 0 and not self._in_flight:
-                return
-            self._wakeup.clear()
-            if left <= 0:  # woken by a full queue or by the engine finishing its batch
-                await self._wakeup.wait()
-                continue
+            if not self._in_flight:
+                if oldest >= self._free_since:  # arrived while the engine was idle
+                    return
+                left = oldest + self.max_wait - time.monotonic()
+                if left <= 0:
+                    return
+            else:
+                left = None  # until the engine finishes or the batch fills
+            self._wakeup.clear()  # set by a full queue or by the engine finishing its batch
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), left)
 
@@ -310,6 +320,8 @@ class Batcher:
                     job.future.set_exception(DeadlineExceeded("deadline passed before its batch ran"))
         finally:
             self._in_flight.discard(asyncio.current_task())
+            if not self._in_flight:
+                self._free_since = time.monotonic()
             self._wakeup.set()  # the engine is free: a waiting batch may go
 
     def _compute(self, batch: Batch) -> tuple[list[tuple[Job, int, int]], list[np.ndarray]]:

@@ -134,16 +134,54 @@ async def test_loop_flushes_at_size(max_batch_size):
     await b.stop()
 
 
+async def until(cond, limit: float = 5.0) -> None:
+    """Poll ``cond()`` on the event loop until it holds (fails after ``limit`` s)."""
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, "condition never held"
+        await asyncio.sleep(0.001)
+
+
 @pytest.mark.parametrize("max_wait_ms", [20, 80])
 async def test_loop_flushes_at_timeout(max_wait_ms):
+    """max_wait_ms applies to rows that arrived while a batch was running: when the engine finishes,
+    a partial batch of such rows goes once its oldest row has waited max_wait_ms, not before (the
+    lower bound is the assertion; nothing here bounds how late it may go)."""
     b, engine = make(max_batch_size=32, max_wait_ms=max_wait_ms)
+    engine.gate.clear()
+    first = b.submit("digits", rows(1), far())
+    await until(lambda: b.queued_rows == 0)  # taken, blocked in the engine
     t0 = time.monotonic()
-    out = await asyncio.wait_for(b.wait(b.submit("shapes", rows(2), far())), 5)
-    waited = time.monotonic() - t0
-    assert max_wait_ms / 1000 * 0.9 <= waited < max_wait_ms / 1000 + 2
+    job = b.submit("shapes", rows(2), far())
+    engine.gate.set()  # the engine finishes at once; the partial batch still waits for max_wait
+    await asyncio.wait_for(b.wait(first), 5)
+    out = await asyncio.wait_for(b.wait(job), 5)
+    assert time.monotonic() - t0 >= max_wait_ms / 1000 * 0.9
     assert len(out) == 2 and out[0].shape == (4,)
-    assert [len(c) for c in engine.calls] == [2]
+    assert [len(c) for c in engine.calls] == [1, 2]
     await b.stop()
+
+
+@pytest.mark.parametrize("rows_in_request", [1, 3])
+async def test_idle_engine_dispatches_at_once(rows_in_request):
+    """An idle engine takes a lone request at once: max_wait_ms (here 10,000 ms) never delays it."""
+    b, engine = make(max_batch_size=32, max_wait_ms=10_000)
+    for task in TASKS:  # each one reaches an idle engine (the previous one has been answered)
+        out = await asyncio.wait_for(b.wait(b.submit(task, rows(rows_in_request), far())), 5)
+        assert len(out) == rows_in_request
+    assert [len(c) for c in engine.calls] == [rows_in_request] * len(TASKS)
+    await b.stop()
+
+
+async def test_idle_engine_does_not_wait_for_the_batch_to_fill():
+    """The collector's gate (Batcher._fill) returns at once for rows that reached an idle engine,
+    and waits (here: a 10 s max_wait) for rows that arrived while a batch was running."""
+    b = Batcher(FakeEngine(), TASKS, max_batch_size=32, max_wait_ms=10_000)  # loop not started
+    b.submit("digits", rows(1), far())
+    await asyncio.wait_for(b._fill(), 1)  # idle: returns without waiting
+    b._free_since = time.monotonic() + 1  # as if the engine had been busy when that row arrived
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(b._fill(), 0.05)
 
 
 @pytest.mark.parametrize("max_batch_size", [4, 8])
