@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r50", default="bundles/bench/r50-mt16", help="resnet50@224 bottom:1, 16 tasks")
     p.add_argument("--r50-singles", default="bundles/bench/r50-single", help="folder of single-task bundles")
     p.add_argument("--threads", type=int, default=available_cpus(), help="onnxruntime threads, both sides")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="engine, servers")
     p.add_argument("--seconds", type=float, default=5.0, help="per load point (resnet50: x1.6)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -58,6 +59,7 @@ def models(args: argparse.Namespace) -> dict[str, Model]:
 
 def contexts(args: argparse.Namespace) -> dict[str, Ctx]:
     base = Ctx(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
+    base = replace(base, device=args.device)
     if args.quick:
         base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
         return {"demo": base, "r50": base}  # models' warm-up shortened in run()
@@ -88,7 +90,7 @@ def engine_scenario(ctx: Ctx, model: Model, run_engine) -> dict:
     from service.bench import report
 
     result = ctx.header("engine", model, f"engine: raw onnxruntime images/s ({model.key})")
-    result |= run_engine(model.bundle, ctx.threads, (1, 2, 4, 8, 16, 32), ctx.seconds / 3)
+    result |= run_engine(model.bundle, ctx.threads, (1, 2, 4, 8, 16, 32), ctx.seconds / 3, device=ctx.device)
     rows = result["rows"]
     report.write(
         ctx.out,

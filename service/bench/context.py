@@ -35,9 +35,13 @@ class Ctx:
     rates: tuple[float, ...] = (0.3, 0.6, 0.9, 1.2, 1.5)  # open loop: x the closed-loop throughput
     mixes: tuple[str, ...] = ("uniform", "zipf")
     quick: bool = False
+    device: str = "cpu"  # cuda: the engine and the servers use the CUDA provider (IOBinding)
 
     def server_args(self, *extra: str) -> list[str]:
-        return ["--max-batch-size", str(self.max_batch_size), "--max-wait-ms", str(self.max_wait_ms), *extra]
+        return [
+            *("--max-batch-size", str(self.max_batch_size), "--max-wait-ms", str(self.max_wait_ms)),
+            *("--device", self.device, *extra),
+        ]
 
     def header(self, scenario: str, model: Model, title: str) -> dict:
         return {
@@ -47,6 +51,7 @@ class Ctx:
             "bundle": str(model.bundle),
             "machine": describe(),
             "config": {
+                "device": self.device,
                 "threads": self.threads,
                 "seconds_per_point": self.seconds,
                 "max_batch_size": self.max_batch_size,

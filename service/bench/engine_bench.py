@@ -19,8 +19,10 @@ def mixed_tasks(tasks: Sequence[str], n: int) -> list[str]:
     return [tasks[i * k // n] for i in range(n)]
 
 
-def make_engine(bundle: str | Path, threads: int, tasks: Sequence[str] | None = None) -> OrtEngine:
-    engine = OrtEngine(load_bundle(bundle, verify_sha256=False), threads=threads, warmup_batch_sizes=(1,))
+def make_engine(bundle: str | Path, threads: int, device: str = "cpu") -> OrtEngine:
+    engine = OrtEngine(
+        load_bundle(bundle, verify_sha256=False), device=device, threads=threads, warmup_batch_sizes=(1,)
+    )
     engine.start()
     return engine
 
@@ -45,9 +47,10 @@ def run_engine(
     batch_sizes: Sequence[int],
     seconds: float,
     tasks: Sequence[str] | None = None,
+    device: str = "cpu",
 ) -> dict:
     """The engine scenario's result: one row per batch size."""
-    engine = make_engine(bundle, threads)
+    engine = make_engine(bundle, threads, device)
     try:
         tasks = list(tasks or engine.manifest.tasks)
         rows = []

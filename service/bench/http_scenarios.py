@@ -27,8 +27,8 @@ def overhead(ctx: Ctx, model: Model) -> dict:
     m = model.manifest()
     tasks = list(m.tasks)
     b = ctx.max_batch_size
-    eng = run_engine(model.bundle, ctx.threads, sorted({1, 8, b}), ctx.seconds / 3)
-    engine = make_engine(model.bundle, ctx.threads)
+    eng = run_engine(model.bundle, ctx.threads, sorted({1, 8, b}), ctx.seconds / 3, device=ctx.device)
+    engine = make_engine(model.bundle, ctx.threads, ctx.device)
     samples = [time_batches(engine, tasks, b, ctx.seconds / 2)[0]]
     rows = []
     try:
@@ -184,7 +184,7 @@ def idle(ctx: Ctx, model: Model, requests: int = 200, pause_s: float = 0.01) -> 
     result = ctx.header("idle", model, f"P5 idle latency ({model.key})")
     m = model.manifest()
     tasks = list(m.tasks)
-    engine = make_engine(model.bundle, ctx.threads)
+    engine = make_engine(model.bundle, ctx.threads, ctx.device)
     try:
         _, calls = time_batches(engine, tasks, 1, 1.0, min_calls=50)
     finally:
@@ -199,6 +199,7 @@ def idle(ctx: Ctx, model: Model, requests: int = 200, pause_s: float = 0.01) -> 
     rows = []
     for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True):
         args = ["--max-batch-size", str(ctx.max_batch_size), "--max-wait-ms", str(wait)]
+        args += ["--device", ctx.device]
         with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
             routes = [
                 ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), 0.0),

@@ -78,6 +78,12 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
+def _env() -> dict[str, str]:
+    """The repo first on the children's path, the caller's PYTHONPATH kept."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def mtserve(
     bundle: str | Path, threads: int, extra: Sequence[str] = (), ready_s: float = 300.0
 ) -> Iterator[tuple[int, subprocess.Popen]]:
@@ -86,7 +92,7 @@ def mtserve(
     cmd = [sys.executable, "-m", "service.cli", "serve", str(bundle), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--threads", str(threads), "--queue-size", "100000"]
     cmd += ["--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env())
     try:
         wait_ready(proc, port, "/readyz", ready_s)
         yield port, proc
@@ -106,7 +112,7 @@ def litserve_peer(
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        env=_env(),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

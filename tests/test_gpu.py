@@ -1,0 +1,103 @@
+"""GPU checks (marker ``gpu``; deselected by default, skipped without CUDA): the engine on the CUDA
+provider with IOBinding equals the CPU engine, the server reports the provider it really uses, and
+the trainer runs on CUDA with mixed precision. Run: ``pytest -m gpu tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from test_e2e_service import ROOT, free_port, png
+
+from service.bundle import load_bundle
+
+ort = pytest.importorskip("onnxruntime")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        "CUDAExecutionProvider" not in ort.get_available_providers(),
+        reason="onnxruntime has no CUDA provider",
+    ),
+]
+TASKS = ["shapes", "digits", "animals", "digits", "shapes", "animals", "animals"]
+
+
+def _engine(bundle, device: str):
+    from service.engine import OrtEngine
+
+    engine = OrtEngine(load_bundle(bundle), device=device, threads=1, warmup_batch_sizes=(1, 4))
+    engine.start()
+    return engine
+
+
+def test_cuda_engine_uses_cuda_with_iobinding_and_equals_cpu(tiny_bundle):
+    cpu, gpu = _engine(tiny_bundle, "cpu"), _engine(tiny_bundle, "cuda")
+    try:
+        assert gpu.providers[0] == "CUDAExecutionProvider", gpu.providers
+        assert gpu.io_binding
+        x = np.random.default_rng(3).normal(size=(len(TASKS), 3, 32, 32)).astype(np.float32)
+        a, _ = cpu.infer(x, TASKS)
+        b, runs = gpu.infer(x, TASKS)
+        assert runs[1].calls[0].tasks == 3  # one trunk batch across the tasks
+        for p, q in zip(a, b, strict=True):
+            assert np.abs(p - q).max() <= 2e-3 * max(1.0, float(np.abs(p).max()))
+        for i, t in enumerate(TASKS):  # a mixed batch equals each row alone, on the device too
+            alone, _ = gpu.infer(x[i : i + 1], [t])
+            assert np.abs(alone[0] - b[i]).max() <= 1e-3 * max(1.0, float(np.abs(b[i]).max()))
+    finally:
+        cpu.stop()
+        gpu.stop()
+
+
+def test_server_on_cuda_reports_the_provider_and_answers(tiny_bundle):
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--device", "cuda", "--log-level", "warning"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                ready = httpx.get(url + "/readyz", timeout=1)
+                if ready.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.3)
+        assert "CUDAExecutionProvider" in str(ready.json())
+        info = [
+            ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith("mtserve_model_info{")
+        ]
+        assert info and 'providers="CUDAExecutionProvider' in info[0], info
+        for i, task in enumerate(["digits", "animals", "shapes"]):
+            r = httpx.post(f"{url}/predict/{task}", content=png(i), headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+
+
+def test_trainer_runs_on_cuda_with_amp_and_exports(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    from test_train_support import make_tree, write_config
+
+    from service.cli import main
+
+    data = make_tree(tmp_path / "data")
+    cfg = write_config(tmp_path / "c.yaml", data, device="cuda", amp="bf16", schedule={"steps": 12})
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]) == 0
+    assert load_bundle(tmp_path / "bundle").manifest.tasks
