@@ -56,15 +56,14 @@ def task_info(s: Service, name: str) -> TaskInfo:
 async def predict(request: Request, task: str, top_k_: int | None = Query(None, alias="top_k", ge=1)) -> dict:
     """Classify one or several images for one task: raw image body, multipart ``file`` parts, or JSON."""
     s = svc(request)
-    spec = s.task(task)
-    s.admit()
-    deadline = s.deadline()
-    blobs, json_k = await read_images(request, s.settings.max_images_per_request)
-    x = await s.preprocess(blobs)
-    probs = await s.infer(task, x, request, deadline)
+    async with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
+        deadline = s.deadline()
+        blobs, json_k = await read_images(request, s.settings.max_images_per_request)
+        x = await s.preprocess(blobs)
+        probs = await model.infer(task, x, request, deadline)
     k = top_k_ or json_k or s.settings.top_k
-    predictions = [{"top_k": top_k(p, spec.labels, k)} for p in probs]
-    return {"task": task, "model_version": s.manifest.version, "predictions": predictions}
+    predictions = [{"top_k": top_k(p, model.task(task).labels, k)} for p in probs]
+    return {"task": task, "model_version": model.version, "predictions": predictions}
 
 
 @router.get("/tasks", response_model=TaskList)

@@ -10,25 +10,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.routing import Route
 
-from service import api, errors, v2
+from service import admin, api, errors, v2
 from service.bundle import load_bundle
 from service.engine import Engine, OrtEngine
 from service.inputs import BodyLimit
 from service.metrics import RequestMetrics
 from service.runtime import Service
-from service.schemas import PredictJSON, V2InferRequest
+from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
 
 
-def build_engine(settings: Settings) -> Engine:
-    """Verify the bundle (raises BundleError) and build the onnxruntime engine (not started)."""
-    bundle = load_bundle(settings.bundle, verify_sha256=settings.verify_sha256)
+def build_engine(settings: Settings, path: Path | None = None) -> Engine:
+    """Verify the bundle at ``path`` (default: the configured one; raises BundleError) and build the
+    onnxruntime engine (not started)."""
+    bundle = load_bundle(path or settings.bundle, verify_sha256=settings.verify_sha256)
     warmup = sorted({1, settings.max_batch_size}) if settings.warmup else []
     return OrtEngine(
         bundle,
@@ -39,7 +43,7 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
-def _document_bodies(app: FastAPI) -> None:
+def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
     """Request bodies the routes read themselves (several media types, binary extension) are
     not FastAPI parameters: add their schemas to the OpenAPI components."""
     original = app.openapi
@@ -48,7 +52,7 @@ def _document_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = original()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (PredictJSON, V2InferRequest):
+            for model in models:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
@@ -58,11 +62,16 @@ def _document_bodies(app: FastAPI) -> None:
 
 
 def create_app(
-    settings: Settings, engine: Engine | None = None, on_fatal: Callable[[str], None] | None = None
+    settings: Settings,
+    engine: Engine | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    engine_factory: Callable[[Path], Engine] | None = None,
 ) -> FastAPI:
-    """The FastAPI app. ``on_fatal(message)`` is called if the engine cannot start."""
+    """The FastAPI app. ``on_fatal(message)`` is called if the engine cannot start.
+    ``engine_factory(path)`` builds the engine of a bundle ``POST /admin/reload`` loads (default: the
+    onnxruntime engine, :func:`build_engine`)."""
     engine = engine if engine is not None else build_engine(settings)
-    service = Service(settings, engine, on_fatal)
+    service = Service(settings, engine, on_fatal, engine_factory or partial(build_engine, settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -84,10 +93,14 @@ def create_app(
     errors.install(app)
     app.include_router(api.router)
     app.include_router(v2.router)
+    admin_on = settings.admin_token is not None
+    if admin_on:  # else /admin is not mounted at all: 404 like any unknown path
+        app.include_router(admin.router)
+    log.info("admin API %s", f"on, model dir {settings.models_root()}" if admin_on else "off (no token)")
     # the tensor route again as a plain Starlette route, matched first: FastAPI's per-request
     # parameter solving costs more than the route itself (OpenAPI documents the FastAPI one)
     app.router.routes[:0] = [Route(path, v2.infer_endpoint, methods=["POST"]) for path in v2.INFER_PATHS]
-    _document_bodies(app)
+    _document_bodies(app, (PredictJSON, V2InferRequest) + ((ReloadRequest,) if admin_on else ()))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every status
     return app

@@ -103,6 +103,6 @@ def load_bundle(root: str | Path, verify_sha256: bool = True) -> Bundle:
     """Read and verify a bundle; raise BundleError naming the file and the field on any problem."""
     root = Path(root)
     manifest = read_manifest(root)
-    check_shapes(manifest)
+    check_shapes(manifest, str(root / MANIFEST_FILE))
     check_files(root, manifest, verify_sha256)
     return Bundle(root, manifest)

@@ -81,15 +81,25 @@ class Metrics:
         self.model_info = Gauge(
             "mtserve_model_info", "The bundle served", ["bundle", "version", "providers"], registry=r
         )
-        for task in tasks:  # series exist from the start, at zero
+        self.manifest = manifest
+        self._add_labels(manifest)
+
+    def _add_labels(self, manifest: Manifest) -> None:
+        """Series exist from the start, at zero, for every task and segment of a loaded manifest."""
+        self.tasks = self.tasks | frozenset(manifest.tasks)
+        for task in manifest.tasks:
             self.request_duration.labels(task)
             self.queue_duration.labels(task)
         for seg in manifest.segments:
             self.segment_duration.labels(seg.name)
             self.batch_size.labels(seg.name)
-        self.manifest = manifest
 
-    def set_model_info(self, providers: Sequence[str]) -> None:
+    def set_model_info(self, providers: Sequence[str], manifest: Manifest | None = None) -> None:
+        """``model_info`` of the bundle served; after a reload (``manifest`` given) the old series is
+        removed and the tasks and segments the new manifest adds get their series."""
+        if manifest is not None:
+            self._add_labels(manifest)
+            self.manifest = manifest
         self.model_info.clear()
         self.model_info.labels(self.manifest.name, self.manifest.version, ",".join(providers)).set(1)
 

@@ -1,4 +1,13 @@
-"""The running service: settings, manifest, engine, batcher, preprocessing, metrics, readiness."""
+"""The running service: settings, the model version served, preprocessing, metrics, readiness, reload.
+
+A loaded bundle version is a :class:`ModelUnit`: its engine and its own batcher (queue + executor
+thread). The service serves one *current* unit. A request resolves the current unit when it is
+admitted (``async with service.acquire(task) as model``) and keeps it until its answer is built,
+so a request admitted before a reload finishes on the old version and one admitted after it runs
+on the new one. :meth:`Service.reload` loads, verifies and warms the new version off the event
+loop while the old one keeps serving, swaps them (one assignment on the event loop), then lets the
+old one drain (its admitted requests finish) and closes its sessions.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +16,23 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from fastapi import Request
 
 from service.batcher import Batcher
 from service.engine import Engine
-from service.errors import NotReady, UnknownTask
+from service.errors import Conflict, Forbidden, IncompatibleBundle, NotReady, UnknownTask
 from service.manifest import Manifest, TaskSpec
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
+
+EngineFactory = Callable[[Path], Engine]
 
 
 async def disconnected(request: Request) -> None:
@@ -35,15 +48,42 @@ def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict]:
     return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in idx]
 
 
-class Service:
-    """Everything the routes need; one per app."""
+def check_compatible(old: Manifest, new: Manifest, where: str) -> None:
+    """The rule for replacing a served bundle without a restart (409 ``incompatible_bundle``).
 
-    def __init__(self, settings: Settings, engine: Engine, on_fatal: Callable[[str], None] | None = None):
-        self.settings = settings
+    What clients and metrics rely on must not change: the ``input`` spec (clients that send FP32
+    tensors preprocess with it), every task served now (a client would get 404), and each such
+    task's ``labels`` (names and order: an index must keep its meaning). New tasks may be added.
+    Weights, segments, plan, backbone, name and version may change.
+    """
+    if new.input != old.input:
+        a, b = old.input.model_dump(), new.input.model_dump()
+        fields = ", ".join(f"input.{f} {b[f]!r} (served: {a[f]!r})" for f in a if a[f] != b[f])
+        raise IncompatibleBundle(f"{where}: field {fields}; the input spec must not change on reload")
+    missing = [t for t in old.tasks if t not in new.tasks]
+    if missing:
+        raise IncompatibleBundle(
+            f"{where}: field tasks lacks {missing}, served now; a reload may add tasks, not remove them"
+        )
+    for task, spec in old.tasks.items():
+        if new.tasks[task].labels != spec.labels:
+            raise IncompatibleBundle(
+                f"{where}: field tasks.{task}.labels differs from the served one "
+                f"({len(new.tasks[task].labels)} vs {len(spec.labels)} labels); labels must keep their "
+                "names and order on reload"
+            )
+
+
+class ModelUnit:
+    """One loaded bundle version: its engine and its batcher. ``async with`` = one admitted request
+    (a lease): a retired unit is closed only after its last lease is released."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, path: Path):
         self.engine = engine
         self.manifest: Manifest = engine.manifest
-        self.metrics = Metrics(self.manifest, settings.max_batch_size)
-        self.metrics.queue_depth.set_function(lambda: max(0, self.batcher.queued_rows))
+        self.version = self.manifest.version
+        self.path = path
+        self.loaded_at: str | None = None
         self.batcher = Batcher(
             engine,
             list(self.manifest.tasks),
@@ -51,30 +91,100 @@ class Service:
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             per_task=settings.batching == "per-task",
-            observe_segments=self.metrics.observe_segments,
-            observe_queue=self.metrics.observe_queue,
+            observe_segments=metrics.observe_segments,
+            observe_queue=metrics.observe_queue,
+        )
+        self.leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def task(self, name: str) -> TaskSpec:
+        spec = self.manifest.tasks.get(name)
+        if spec is None:
+            raise UnknownTask(f"unknown task {name!r}; tasks are {sorted(self.manifest.tasks)}")
+        return spec
+
+    async def __aenter__(self) -> ModelUnit:
+        self.leases += 1
+        self._idle.clear()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.leases -= 1
+        if self.leases == 0:
+            self._idle.set()
+
+    async def start(self) -> None:
+        """Start the batcher loop; create and warm up the sessions in the unit's executor thread."""
+        self.batcher.start()
+        await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.engine.start)
+        self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
+
+    async def close(self) -> None:
+        """Wait for every admitted request, finish the queue, stop the executor, release the sessions."""
+        await self._idle.wait()
+        await self.batcher.stop()
+        self.engine.stop()
+
+    async def infer(self, task: str, x: np.ndarray, request: Request, deadline: float) -> list[np.ndarray]:
+        """Queue the rows; await their probabilities (504 past the deadline, skipped if the client left)."""
+        job = self.batcher.submit(task, x, deadline)
+        return await self.batcher.wait(job, disconnected(request))
+
+
+class Service:
+    """Everything the routes need; one per app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        on_fatal: Callable[[str], None] | None = None,
+        engine_factory: EngineFactory | None = None,
+    ):
+        self.settings = settings
+        self.metrics = Metrics(engine.manifest, settings.max_batch_size)
+        self.unit = ModelUnit(engine, settings, self.metrics, settings.bundle.absolute())
+        self.retiring: set[ModelUnit] = set()
+        self.metrics.queue_depth.set_function(
+            lambda: sum(max(0, u.batcher.queued_rows) for u in (self.unit, *self.retiring))
         )
         self.pool = ThreadPoolExecutor(settings.decode_workers(), thread_name_prefix="mtserve-decode")
+        # one preprocessor for every version: a reload may not change the input spec
         self.preprocess = Preprocessor(
             self.manifest.input, self.pool, settings.max_pixels, self.metrics.preprocess_duration.observe
         )
+        self.engine_factory = engine_factory
         self.ready = False
         self.draining = False
         self.failed: str | None = None
         self.on_fatal = on_fatal
+        self.reloads = 0
+        self._reload: asyncio.Task | None = None
         self._ready_event = asyncio.Event()
         self._starting: asyncio.Task | None = None
 
+    # the version served now (each request holds the unit it was admitted on)
+    @property
+    def manifest(self) -> Manifest:
+        return self.unit.manifest
+
+    @property
+    def engine(self) -> Engine:
+        return self.unit.engine
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.unit.batcher
+
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the batcher; load and warm the engine in the background (``/readyz`` 503 until then)."""
-        self.batcher.start()
+        """Load and warm the engine in the background (``/readyz`` 503 until then)."""
         self._starting = asyncio.get_running_loop().create_task(self._start_engine())
 
     async def _start_engine(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.batcher.executor, self.engine.start)
+            await self.unit.start()
         except Exception as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error("engine failed to start: %s", self.failed)
@@ -97,16 +207,14 @@ class Service:
         """Stop admitting (503), finish every admitted request, release the engine."""
         self.draining = True
         await self._ready_event.wait()
-        await self.batcher.stop()
-        self.engine.stop()
+        if self._reload is not None:  # it sees `draining` and does not swap
+            await asyncio.gather(self._reload, return_exceptions=True)
+        await self.unit.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- per request --------------------------------------------------------------------------
     def task(self, name: str) -> TaskSpec:
-        spec = self.manifest.tasks.get(name)
-        if spec is None:
-            raise UnknownTask(f"unknown task {name!r}; tasks are {sorted(self.manifest.tasks)}")
-        return spec
+        return self.unit.task(name)
 
     def admit(self) -> None:
         if self.draining:
@@ -114,10 +222,103 @@ class Service:
         if not self.ready:
             raise NotReady(self.failed or "the model is loading")
 
+    def acquire(self, task: str, model_version: str | None = None) -> ModelUnit:
+        """Admission: the version served now, for ``async with`` (404 unknown task or version, 503
+        not ready). The request keeps this version until it is answered, whatever reloads happen."""
+        unit = self.unit
+        unit.task(task)
+        if model_version is not None and model_version != unit.version:
+            raise UnknownTask(f"model {task!r} has no version {model_version!r}; it has {unit.version!r}")
+        self.admit()
+        return unit
+
     def deadline(self) -> float:
         return time.monotonic() + self.settings.timeout_ms / 1000.0
 
-    async def infer(self, task: str, x: np.ndarray, request: Request, deadline: float) -> list[np.ndarray]:
-        """Queue the rows; await their probabilities (504 past the deadline, skipped if the client left)."""
-        job = self.batcher.submit(task, x, deadline)
-        return await self.batcher.wait(job, disconnected(request))
+    # -- admin: live reload ---------------------------------------------------------------------
+    def resolve_bundle(self, requested: str | None) -> Path:
+        """The bundle directory a reload loads: the configured one, or ``requested`` (relative to the
+        model directory), which must resolve (symlinks followed) inside the model directory."""
+        if requested is None:
+            return self.settings.bundle.resolve()
+        root = self.settings.models_root()
+        target = (root / requested).resolve()
+        if not target.is_relative_to(root):
+            raise Forbidden(f"bundle {requested!r} resolves to {target}, outside the model directory {root}")
+        return target
+
+    def status(self) -> dict:
+        u = self.unit
+        return {
+            "bundle": u.manifest.name,
+            "version": u.version,
+            "path": str(u.path),
+            "model_dir": str(self.settings.models_root()),
+            "tasks": list(u.manifest.tasks),
+            "providers": list(u.engine.providers),
+            "loaded_at": u.loaded_at,
+            "reloads": self.reloads,
+            "reload_in_progress": self._reload is not None,
+        }
+
+    async def reload(self, requested: str | None) -> dict:
+        """Load, verify, warm up and swap in a bundle; one at a time (409), the old version serving
+        meanwhile. Returns once the new version serves and the old one is drained and closed."""
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        if not self.ready:
+            raise Conflict(self.failed or "the model is still loading; reload after /readyz answers 200")
+        if self._reload is not None:
+            raise Conflict("a reload is already in progress; retry when it has finished")
+        if self.engine_factory is None:
+            raise Conflict("this server was built without an engine factory: it cannot reload")
+        target = self.resolve_bundle(requested)
+        self._reload = asyncio.get_running_loop().create_task(self._swap_in(target), name="mtserve-reload")
+        # shielded: a client that hangs up does not abandon a half-done reload
+        return await asyncio.shield(self._reload)
+
+    async def _swap_in(self, target: Path) -> dict:
+        t0 = time.perf_counter()
+        old = self.unit
+        log.info("reload: loading %s (serving %s %s)", target, old.manifest.name, old.version)
+        try:
+            engine = await asyncio.to_thread(self.engine_factory, target)  # manifest, sha256, shapes
+            check_compatible(old.manifest, engine.manifest, str(target / "manifest.json"))
+            t1 = time.perf_counter()
+            unit = ModelUnit(engine, self.settings, self.metrics, target)
+            try:
+                await unit.start()  # sessions + warm-up, in the new unit's executor thread
+                if self.draining:
+                    raise NotReady("the server is shutting down; the reload was abandoned")
+            except BaseException:
+                await unit.close()
+                raise
+            t2 = time.perf_counter()
+            # the swap: admissions from here on get the new unit
+            self.unit = unit
+            self.retiring.add(old)
+            self.reloads += 1
+            self.metrics.set_model_info(unit.engine.providers, unit.manifest)
+            log.info(
+                "reload: now serving %s %s from %s (was %s %s); verified in %.3f s, warmed up in %.3f s",
+                unit.manifest.name, unit.version, target, old.manifest.name, old.version, t1 - t0, t2 - t1,
+            )  # fmt: skip
+            await old.close()
+            self.retiring.discard(old)
+            t3 = time.perf_counter()
+            log.info("reload: version %s drained and closed in %.3f s", old.version, t3 - t2)
+        except Exception as exc:
+            log.warning("reload of %s refused; still serving %s: %s", target, old.version, exc)
+            raise
+        finally:
+            self._reload = None
+        return {
+            "bundle": unit.manifest.name,
+            "version": unit.version,
+            "previous_version": old.version,
+            "path": str(target),
+            "verify_s": round(t1 - t0, 4),
+            "warmup_s": round(t2 - t1, 4),
+            "drain_s": round(t3 - t2, 4),
+            "total_s": round(t3 - t0, 4),
+        }

@@ -108,3 +108,41 @@ class V2ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+# -- admin (docs/server.md "Live reload") -------------------------------------------------------
+
+
+class ReloadRequest(BaseModel):
+    """Optional body of ``POST /admin/reload``; without it, the configured bundle is reloaded."""
+
+    model_config = ConfigDict(extra="forbid")
+    bundle: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="bundle directory, relative to the model directory (or absolute inside it)",
+    )
+
+
+class ReloadResult(BaseModel):
+    bundle: str
+    version: str
+    previous_version: str
+    path: str
+    verify_s: float = Field(description="manifest, sha256 and shape checks")
+    warmup_s: float = Field(description="onnxruntime sessions created and every variant warmed up")
+    drain_s: float = Field(description="the old version finishing the requests admitted to it, then closed")
+    total_s: float
+
+
+class AdminModel(BaseModel):
+    bundle: str
+    version: str
+    path: str
+    model_dir: str
+    tasks: list[str]
+    providers: list[str]
+    loaded_at: str | None
+    reloads: int
+    reload_in_progress: bool

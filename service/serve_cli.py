@@ -1,7 +1,8 @@
 """``mtserve serve BUNDLE``: one uvicorn process, one device, one batcher.
 
 Every option is also an ``MTSERVE_*`` environment variable (flags win). SIGTERM/SIGINT: stop
-admitting (503), finish every admitted request, exit 0.
+admitting (503), finish every admitted request, exit 0. The admin token is never a flag (it would
+show in ``ps``): ``MTSERVE_ADMIN_TOKEN`` or a file (``--admin-token-file``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--max-pixels": ("max_pixels", int, "decoded pixels per image (default 40M)"),
     "--batching": ("batching", str, "cross-task (default) or per-task (the per-model baseline)"),
     "--preprocess-workers": ("preprocess_workers", int, "decode threads (default: the CPUs available)"),
+    "--model-dir": ("model_dir", str, "bundles POST /admin/reload may load (default: BUNDLE's parent)"),
+    "--admin-token-file": ("admin_token_file", str, "file with the admin token (else no /admin)"),
 }
 
 

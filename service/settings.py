@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,6 +20,9 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
+
+
+MIN_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -47,6 +50,15 @@ class Settings(BaseSettings):
     preprocess_workers: int = Field(0, ge=0, description="decode/preprocess threads; 0 = CPUs available")
     warmup: bool = True
     verify_sha256: bool = True
+    model_dir: Path | None = Field(
+        None, description="directory POST /admin/reload may load bundles from; default: the bundle's parent"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the /admin routes; unset and no token file: no /admin routes"
+    )
+    admin_token_file: Path | None = Field(
+        None, description="file holding the admin token (e.g. a Kubernetes secret), read once at start-up"
+    )
 
     @model_validator(mode="after")
     def _admissible(self) -> Settings:
@@ -56,6 +68,30 @@ class Settings(BaseSettings):
                 f"({self.max_images_per_request}), or a full request could never be admitted"
             )
         return self
+
+    @model_validator(mode="after")
+    def _admin_token(self) -> Settings:
+        """Read the token file once; refuse an ambiguous, empty or short token."""
+        if self.admin_token_file is not None:
+            if self.admin_token is not None:
+                raise ValueError("set MTSERVE_ADMIN_TOKEN or MTSERVE_ADMIN_TOKEN_FILE, not both")
+            try:
+                text = self.admin_token_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"admin_token_file {self.admin_token_file}: unreadable ({exc})") from None
+            self.admin_token = SecretStr(text.strip())
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+            if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
+                raise ValueError(
+                    f"the admin token must be at least {MIN_TOKEN_CHARS} printable characters without "
+                    "spaces (e.g. `openssl rand -hex 32`)"
+                )
+        return self
+
+    def models_root(self) -> Path:
+        """Where admin reloads may load from: ``model_dir``, else the directory holding the bundle."""
+        return (self.model_dir or self.bundle.absolute().parent).resolve()
 
     def intra_op_threads(self) -> int:
         return self.threads or available_cpus()

@@ -240,18 +240,16 @@ INFER_BODY = {
 async def infer(request: Request, task: str, model_version: str | None = None) -> JSONResponse:
     """Classify an FP32 tensor (preprocessed) or BYTES encoded images for one task."""
     s = svc(request)
-    spec = s.task(task)
-    _check_version(s, task, model_version)
-    s.admit()
-    deadline = s.deadline()
-    req, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    x, blobs = read_input(s, req, binary)
-    plan = requested_outputs(req)
-    if x is None:
-        x = await s.preprocess(blobs)
-    probs = await s.infer(task, x, request, deadline)
-    outputs = build_outputs(plan, probs, spec.labels)
-    body = {"model_name": task, "model_version": s.manifest.version, "id": req.id, "outputs": outputs}
+    async with s.acquire(task, model_version) as model:  # the version that computes the answer
+        deadline = s.deadline()
+        req, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        x, blobs = read_input(s, req, binary)
+        plan = requested_outputs(req)
+        if x is None:
+            x = await s.preprocess(blobs)
+        probs = await model.infer(task, x, request, deadline)
+    outputs = build_outputs(plan, probs, model.task(task).labels)
+    body = {"model_name": task, "model_version": model.version, "id": req.id, "outputs": outputs}
     return JSONResponse(body)
 
 
