@@ -1,5 +1,6 @@
 """Why the multi-task engine holds more than its weights: RSS of one engine process after warm-up with
-onnxruntime's default per-session CPU arena, without the arena, and without weight pre-packing.
+onnxruntime's default per-session CPU arena, without the arena, without weight pre-packing, and with
+one arena shared by every session (the engine's default since the P3 fix).
 
 Each variant runs in a fresh process; writes ``OUT/memory-arena-<name>.json`` and ``.md``.
 
@@ -18,13 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
-    "default (per-session arena)": {},
-    "no CPU arena": {"arena": False},
-    "no arena, no pre-packing": {"arena": False, "prepack": False},
+    "per-session arena (onnxruntime's default)": {"shared": False},
+    "no CPU arena": {"arena": False, "shared": False},
+    "no arena, no pre-packing": {"arena": False, "prepack": False, "shared": False},
+    "one arena shared by all sessions (mtserve's default)": {},
 }
 
 
-def child(bundle: str, threads: int, warmup: list[int], arena: bool = True, prepack: bool = True) -> int:
+def child(
+    bundle: str,
+    threads: int,
+    warmup: list[int],
+    arena: bool = True,
+    prepack: bool = True,
+    shared: bool = True,
+) -> int:
     """Build and warm the engine with the given session options; return this process's RSS."""
     from service.bench.server import rss_bytes
     from service.bundle import load_bundle
@@ -38,7 +47,12 @@ def child(bundle: str, threads: int, warmup: list[int], arena: bool = True, prep
                 so.add_session_config_entry("session.disable_prepacking", "1")
             return so
 
-    engine = Engine(load_bundle(bundle, verify_sha256=False), threads=threads, warmup_batch_sizes=warmup)
+    engine = Engine(
+        load_bundle(bundle, verify_sha256=False),
+        threads=threads,
+        warmup_batch_sizes=warmup,
+        shared_cpu_arena=shared,
+    )
     engine.start()
     import os
 

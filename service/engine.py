@@ -12,6 +12,7 @@ intermediates stay on the device between segments.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,31 @@ def _shared_variants(manifest: Manifest) -> dict[str, set[str]]:
     return out
 
 
+_shared_arena_lock = threading.Lock()
+_shared_arena = False
+
+
+def _register_shared_cpu_arena() -> None:
+    """One CPU memory arena for every session of the process (onnxruntime's environment allocator).
+
+    By default each session keeps its own arena, grown to its own peak and never shrunk: a bundle
+    with 16 stems, a trunk and 16 heads holds 33 of them (resnet50 at 224 px: 1,157 MiB after warm-up
+    at batch 1 and 8). Sessions run one at a time on the engine thread, so one arena sized by the
+    largest single call serves them all (465 MiB, same throughput; ``enable_cpu_mem_arena=False``
+    gave 784 MiB and lost throughput). Registered once per process; later engines (a reloaded
+    bundle) share it.
+    """
+    global _shared_arena
+    import onnxruntime as ort
+
+    with _shared_arena_lock:
+        if _shared_arena:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena = True
+
+
 class OrtEngine:
     """onnxruntime sessions for every (segment, variant) of a bundle."""
 
@@ -87,6 +113,7 @@ class OrtEngine:
         device_id: int = 0,
         warmup_batch_sizes: Sequence[int] = (1,),
         io_binding: bool | None = None,
+        shared_cpu_arena: bool = True,
     ):
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -95,6 +122,7 @@ class OrtEngine:
         self.threads = threads
         self.warmup_batch_sizes = tuple(warmup_batch_sizes)
         self.io_binding = (device == "cuda") if io_binding is None else io_binding
+        self.shared_cpu_arena = shared_cpu_arena  # one CPU arena for all sessions (False: one each)
         self.providers: list[str] = []
         self.ready = False
         self.sessions: dict[tuple[str, str], object] = {}
@@ -108,6 +136,9 @@ class OrtEngine:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if self.shared_cpu_arena:
+            _register_shared_cpu_arena()
+            so.add_session_config_entry("session.use_env_allocators", "1")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = self.threads
