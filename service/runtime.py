@@ -24,7 +24,7 @@ from fastapi import Request
 
 from service.batcher import Batcher
 from service.engine import Engine
-from service.errors import Conflict, Forbidden, IncompatibleBundle, NotReady, UnknownTask
+from service.errors import Conflict, DeadlineExceeded, Forbidden, IncompatibleBundle, NotReady, UnknownTask
 from service.manifest import Manifest, TaskSpec
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
@@ -76,7 +76,8 @@ def check_compatible(old: Manifest, new: Manifest, where: str) -> None:
 
 class ModelUnit:
     """One loaded bundle version: its engine and its batcher. ``async with`` = one admitted request
-    (a lease): a retired unit is closed only after its last lease is released."""
+    (a lease): a retired unit is closed after its last lease is released (or, on reload, once every
+    request admitted to it is past its deadline)."""
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, path: Path):
         self.engine = engine
@@ -95,6 +96,7 @@ class ModelUnit:
             observe_queue=metrics.observe_queue,
         )
         self.leases = 0
+        self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -120,14 +122,24 @@ class ModelUnit:
         await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.engine.start)
         self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
 
-    async def close(self) -> None:
-        """Wait for every admitted request, finish the queue, stop the executor, release the sessions."""
-        await self._idle.wait()
+    async def close(self, wait_s: float | None = None) -> None:
+        """Wait for every admitted request (at most ``wait_s``), finish the queue and every batch
+        started, stop the executor, release the sessions."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), wait_s)
+        except TimeoutError:  # e.g. a client still sending its body, long past its deadline
+            log.warning(
+                "version %s: %d request(s) admitted to it still unfinished after %.1f s; closing it "
+                "(they answer 504)", self.version, self.leases, wait_s,
+            )  # fmt: skip
+        self.closing = True
         await self.batcher.stop()
         self.engine.stop()
 
     async def infer(self, task: str, x: np.ndarray, request: Request, deadline: float) -> list[np.ndarray]:
         """Queue the rows; await their probabilities (504 past the deadline, skipped if the client left)."""
+        if self.closing:  # only after every deadline of requests admitted to it has passed
+            raise DeadlineExceeded(f"deadline passed before the rows reached version {self.version}")
         job = self.batcher.submit(task, x, deadline)
         return await self.batcher.wait(job, disconnected(request))
 
@@ -209,7 +221,7 @@ class Service:
         await self._ready_event.wait()
         if self._reload is not None:  # it sees `draining` and does not swap
             await asyncio.gather(self._reload, return_exceptions=True)
-        await self.unit.close()
+        await self.unit.close(wait_s=self.settings.timeout_ms / 1000.0 + 1.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- per request --------------------------------------------------------------------------
@@ -303,7 +315,8 @@ class Service:
                 "reload: now serving %s %s from %s (was %s %s); verified in %.3f s, warmed up in %.3f s",
                 unit.manifest.name, unit.version, target, old.manifest.name, old.version, t1 - t0, t2 - t1,
             )  # fmt: skip
-            await old.close()
+            # every request admitted to the old version is answered or past its deadline by then
+            await old.close(wait_s=self.settings.timeout_ms / 1000.0 + 1.0)
             self.retiring.discard(old)
             t3 = time.perf_counter()
             log.info("reload: version %s drained and closed in %.3f s", old.version, t3 - t2)

@@ -70,11 +70,12 @@ def settings(bundle: Path, **kw) -> Settings:
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def served(models, tmp_path):
-    """(client, app) serving a fresh copy of v1 at models/<test>/current; model dir = models."""
+async def served(models, tmp_path, request):
+    """(client, app) serving a fresh copy of v1 at models/current-<test>; model dir = models;
+    parametrise (indirect) with settings overrides."""
     current = models / f"current-{tmp_path.name}"
     shutil.copytree(models / "v1", current)
-    app = create_app(settings(current, model_dir=models))
+    app = create_app(settings(current, model_dir=models, **getattr(request, "param", {})))
     async with app.router.lifespan_context(app):
         assert await app.state.service.wait_ready()
         transport = httpx.ASGITransport(app=app)
@@ -379,6 +380,32 @@ async def test_requests_admitted_before_the_swap_finish_on_the_old_version(serve
     r = await swap
     assert r.status_code == 200 and r.json()["drain_s"] > 0
     assert old.sessions == {} and not service.retiring
+
+
+@pytest.mark.parametrize("served", [{"timeout_ms": 300}], indirect=True)
+async def test_a_request_stuck_past_its_deadline_does_not_hold_the_old_version(served):
+    """A client still sending its body when every deadline of the old version has passed (slowloris)
+    does not keep it loaded: the reload closes it after timeout_ms; that request answers 504."""
+    client, app = served
+    service, release = app.state.service, asyncio.Event()
+
+    async def slow_body():
+        await release.wait()
+        yield PNG
+
+    headers = {"content-type": "image/png"}
+    stuck = asyncio.ensure_future(client.post("/predict/digits", content=slow_body(), headers=headers))
+    for _ in range(200):
+        if service.unit.leases:
+            break
+        await asyncio.sleep(0.01)
+    assert service.unit.leases == 1
+    r = await reload(client, "v2")
+    assert r.status_code == 200 and 0.3 <= r.json()["drain_s"] < 5, r.text
+    assert (await predict(client)).json()["model_version"] == "2"
+    release.set()
+    r = await stuck
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
 
 
 async def test_one_reload_at_a_time(served):
