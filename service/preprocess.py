@@ -21,6 +21,13 @@ from PIL import Image
 from service.errors import InvalidInput, PayloadTooLarge
 from service.manifest import InputSpec
 
+# the image formats a request may use: the common web/camera formats. Pillow opens some 40 more
+# (EPS runs Ghostscript; PSD, FITS, ICNS, ... are rarely fuzzed parsers): not from the network
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+# above this many times the crop's pixels, the resize step resamples only the cropped region
+MAX_RESIZE_FACTOR = 16
+
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -62,13 +69,39 @@ def transform(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """RGB PIL image -> float32 [3, H, W], normalised."""
     _, th, tw = spec.size
     size = _resize_size(img.width, img.height, spec)
-    if size != img.size:
-        img = img.resize(size, RESAMPLE.get(spec.interpolation, Image.Resampling.BILINEAR))
+    resample = RESAMPLE.get(spec.interpolation, Image.Resampling.BILINEAR)
+    if size[0] * size[1] > MAX_RESIZE_FACTOR * th * tw and size[0] >= tw and size[1] >= th:
+        # extreme aspect ratio (1x100000): resizing the whole image first would build an intermediate
+        # of millions of pixels (32 x 3.2M for a 1x100000 image at 32 px) only to crop it; resample
+        # just the region the center crop keeps (Pillow's box: the same filter at the same positions,
+        # up to float rounding, which can move a tap by one source pixel)
+        sx, sy = img.width / size[0], img.height / size[1]
+        top, left = round((size[1] - th) / 2.0), round((size[0] - tw) / 2.0)
+        img = img.resize((tw, th), resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
+    elif size != img.size:
+        img = img.resize(size, resample)
     fill = tuple(round(255 * v) for v in spec.mean) if spec.crop_mode == "border" else (0, 0, 0)
     img = _center_crop(img, th, tw, fill)
     x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB, exactly as the trainer reads it (``training.imagefolder.to_rgb``):
+    16-bit gray rescaled (not clipped to 255), 32-bit/float gray stretched if out of 0..255, palettes
+    via RGBA, alpha dropped."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif arr.size and (arr.max() > 255 or arr.min() < 0):
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / max(hi - lo, 1e-6))
+        img = Image.fromarray(np.clip(np.nan_to_num(arr) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -78,19 +111,19 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             if img.width * img.height > max_pixels:
                 raise PayloadTooLarge(
                     f"image of {img.width}x{img.height} pixels is over the limit of {max_pixels}"
                 )
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"image over the pixel limit: {exc}") from None
     except (PayloadTooLarge, InvalidInput):
         raise
     except Image.UnidentifiedImageError:
-        raise InvalidInput("cannot decode image: not an image format Pillow knows") from None
+        raise InvalidInput(f"cannot decode image: not one of the formats {', '.join(FORMATS)}") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
         raise InvalidInput(f"cannot decode image: {type(exc).__name__}: {exc}") from None
 

@@ -25,6 +25,7 @@ from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
+INPUTS = {"input": "FP32", "image": "BYTES"}  # the model metadata's inputs: name -> datatype
 
 
 def _version() -> str:
@@ -48,8 +49,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[V2InferReques
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         return V2InferRequest.model_validate(json.loads(body)), binary
-    except (ValueError, ValidationError) as exc:
-        raise InvalidInput(f"inference request: {str(exc).splitlines()[0]}") from None
+    except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: [[[[... nested deep
+        raise InvalidInput(f"inference request: {(str(exc).splitlines() or ['invalid JSON'])[0]}") from None
 
 
 def _bytes_elements(raw: bytes) -> list[bytes]:
@@ -80,6 +81,10 @@ def read_input(s: Service, req: V2InferRequest, binary: bytes) -> tuple[np.ndarr
     if len(req.inputs) != 1:
         raise InvalidInput(f"expected one input ('input' FP32 or 'image' BYTES), got {len(req.inputs)}")
     t = req.inputs[0]
+    if INPUTS.get(t.name) != t.datatype:
+        raise InvalidInput(
+            f"input {t.name!r} {t.datatype}: the inputs are 'input' FP32 [N, 3, H, W] and 'image' BYTES [N]"
+        )
     size = (t.parameters or {}).get("binary_data_size")
     raw = None
     if size is not None:
@@ -127,7 +132,11 @@ def _decode_string(v: str) -> bytes:
     try:
         return b64decode(v)
     except InvalidInput:
+        pass
+    try:
         return v.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800") that stands for no byte
+        raise InvalidInput("BYTES element: neither base64 nor encodable text") from None
 
 
 def requested_outputs(req: V2InferRequest) -> list[int | None]:
