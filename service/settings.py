@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
                 f"({self.max_images_per_request}), or a full request could never be admitted"
             )
         return self
+
+    @field_validator("model_dir", "admin_token", "admin_token_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        """``MTSERVE_ADMIN_TOKEN=`` (e.g. compose's ``${MTSERVE_ADMIN_TOKEN:-}``) means not set."""
+        return None if v == "" else v
 
     @model_validator(mode="after")
     def _admin_token(self) -> Settings:
