@@ -24,7 +24,16 @@ from fastapi import Request
 
 from service.batcher import Batcher
 from service.engine import Engine
-from service.errors import Conflict, DeadlineExceeded, Forbidden, IncompatibleBundle, NotReady, UnknownTask
+from service.errors import (
+    BundleError,
+    Conflict,
+    DeadlineExceeded,
+    Forbidden,
+    IncompatibleBundle,
+    NotReady,
+    ServiceError,
+    UnknownTask,
+)
 from service.manifest import Manifest, TaskSpec
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
@@ -254,7 +263,10 @@ class Service:
         if requested is None:
             return self.settings.bundle.resolve()
         root = self.settings.models_root()
-        target = (root / requested).resolve()
+        try:
+            target = (root / requested).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+            raise BundleError(f"bundle {requested!r}: cannot be resolved ({exc})") from None
         if not target.is_relative_to(root):
             raise Forbidden(f"bundle {requested!r} resolves to {target}, outside the model directory {root}")
         return target
@@ -289,12 +301,20 @@ class Service:
         # shielded: a client that hangs up does not abandon a half-done reload
         return await asyncio.shield(self._reload)
 
+    def _build(self, target: Path) -> Engine:
+        """Runs in a thread: read and verify the bundle, build its engine (an unreadable file is a
+        refused bundle, 422, not a server error)."""
+        try:
+            return self.engine_factory(target)  # type: ignore[misc]
+        except OSError as exc:
+            raise BundleError(f"{target}: cannot be read ({exc})") from exc
+
     async def _swap_in(self, target: Path) -> dict:
         t0 = time.perf_counter()
         old = self.unit
         log.info("reload: loading %s (serving %s %s)", target, old.manifest.name, old.version)
         try:
-            engine = await asyncio.to_thread(self.engine_factory, target)  # manifest, sha256, shapes
+            engine = await asyncio.to_thread(self._build, target)  # manifest, sha256, shapes
             check_compatible(old.manifest, engine.manifest, str(target / "manifest.json"))
             t1 = time.perf_counter()
             unit = ModelUnit(engine, self.settings, self.metrics, target)
@@ -302,8 +322,10 @@ class Service:
                 await unit.start()  # sessions + warm-up, in the new unit's executor thread
                 if self.draining:
                     raise NotReady("the server is shutting down; the reload was abandoned")
-            except BaseException:
+            except BaseException as exc:
                 await unit.close()
+                if isinstance(exc, Exception) and not isinstance(exc, (BundleError, ServiceError)):
+                    raise BundleError(f"{target}: cannot be served ({type(exc).__name__}: {exc})") from exc
                 raise
             t2 = time.perf_counter()
             # the swap: admissions from here on get the new unit

@@ -255,6 +255,39 @@ async def test_corrupt_bundle_is_refused_and_the_old_version_serves_on(served, m
     await assert_serving(client, "1")
 
 
+async def test_unresolvable_path_and_failing_warmup_are_refused(models, tmp_path):
+    """Not only BundleError: a symlink loop, or an engine failing during warm-up (e.g. out of
+    memory) is a refused bundle (422), never a 500; the half-loaded version is released."""
+    from service.app import build_engine
+
+    started = []
+
+    def factory(path):
+        engine = build_engine(app.state.service.settings, path)
+
+        def start():
+            started.append(engine)
+            raise RuntimeError("out of memory while warming up")
+
+        engine.start = start
+        return engine
+
+    current = shutil.copytree(models / "v1", tmp_path / "models" / "v1")
+    shutil.copytree(models / "v2", tmp_path / "models" / "v2")
+    (tmp_path / "models" / "loop").symlink_to(tmp_path / "models" / "loop")
+    app = create_app(settings(current), engine_factory=factory)
+    transport = httpx.ASGITransport(app=app)
+    client = httpx.AsyncClient(transport=transport, base_url="http://t")
+    async with app.router.lifespan_context(app), client:
+        assert await app.state.service.wait_ready()
+        r = await reload(client, "loop")
+        assert r.status_code == 422 and "cannot be resolved" in r.json()["error"]["message"], r.text
+        r = await reload(client, "v2")
+        assert r.status_code == 422 and "out of memory while warming up" in r.json()["error"]["message"]
+        assert len(started) == 1 and not app.state.service.retiring
+        await assert_serving(client, "1")
+
+
 def _drop_task(m: dict) -> None:
     del m["tasks"]["shapes"]
 
