@@ -97,7 +97,8 @@ def test_trainer_runs_on_cuda_with_amp_and_exports(tmp_path):
     from service.cli import main
 
     data = make_tree(tmp_path / "data")
-    cfg = write_config(tmp_path / "c.yaml", data, device="cuda", amp="bf16", schedule={"steps": 12})
+    steps = {"steps": 12, "warmup_steps": 2}
+    cfg = write_config(tmp_path / "c.yaml", data, device="cuda", amp="bf16", schedule=steps)
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]) == 0
     assert load_bundle(tmp_path / "bundle").manifest.tasks

@@ -49,7 +49,7 @@ class Ctx:
             "model": model.key,
             "title": title,
             "bundle": str(model.bundle),
-            "machine": describe(),
+            "machine": describe(self.device),
             "config": {
                 "device": self.device,
                 "threads": self.threads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,23 +27,35 @@ def cpu_model() -> str:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
+        for dist in (name, f"{name}-gpu"):  # onnxruntime-gpu provides the onnxruntime module
+            try:
+                out[name] = version(dist) + ("" if dist == name else " (gpu)")
+                break
+            except PackageNotFoundError:
+                out[name] = "not installed"
     return out
 
 
-def describe(provider: str = "CPUExecutionProvider") -> dict:
-    """CPU model, cores (host and usable), load averages now, provider, package versions, time."""
+def gpu_name() -> str:
+    """The GPU as nvidia-smi names it (name, driver, memory), or why none is named."""
+    try:
+        q = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        return subprocess.run(q, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "nvidia-smi unavailable"
+
+
+def describe(device: str = "cpu") -> dict:
+    """CPU model, cores (host and usable), load averages now, provider, GPU, package versions, time."""
+    cuda = device == "cuda"
     return {
         "cpu_model": cpu_model(),
         "host_cpus": os.cpu_count(),
         "usable_cpus": available_cpus(),
         "loadavg": [round(v, 2) for v in os.getloadavg()],
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "provider": provider,
-        "gpu": "not measured (no GPU in this session)",
+        "provider": "CUDAExecutionProvider (IOBinding)" if cuda else "CPUExecutionProvider",
+        "gpu": gpu_name() if cuda else "not used (CPU run)",
         "platform": platform.platform(),
         "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -77,13 +77,13 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
             proc.wait()
 
 
-@contextlib.contextmanager
 def _env() -> dict[str, str]:
     """The repo first on the children's path, the caller's PYTHONPATH kept."""
     paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
 
 
+@contextlib.contextmanager
 def mtserve(
     bundle: str | Path, threads: int, extra: Sequence[str] = (), ready_s: float = 300.0
 ) -> Iterator[tuple[int, subprocess.Popen]]:
