@@ -191,6 +191,15 @@ class Batcher:
             self._wakeup.set()
         return job
 
+    def check_room(self, rows: int = 1) -> None:
+        """Admission before a request's body is read or decoded: 429 at once when ``rows`` more rows
+        would not fit, so an overloaded server sheds load for the price of the HTTP exchange alone
+        (``submit`` checks again with the real row count)."""
+        if self._stopping:
+            raise NotReady("the server is shutting down")
+        if self.queued_rows + rows > self.queue_size:
+            raise QueueFull(f"queue full ({self.queued_rows} of {self.queue_size} rows waiting)")
+
     def _abandon(self, job: Job, exc: Exception | None = None) -> bool:
         """Give up a job that has not started computing (it never will): its future gets ``exc``
         (cancelled without one). False, and nothing done, if it started."""

@@ -309,3 +309,22 @@ async def test_rows_keep_gathering_while_the_engine_is_busy():
     await asyncio.wait_for(asyncio.gather(*(b.wait(j) for j in [first, *later])), 5)
     assert [len(c) for c in engine.calls] == [1, 3]
     await b.stop()
+
+
+async def test_check_room_rejects_before_the_body_is_read():
+    """check_room: 429 (with Retry-After) as soon as the queue cannot take one more row; 503 when
+    stopping; no job is created either way."""
+    b, engine = make(max_batch_size=1, max_wait_ms=0, queue_size=2)
+    engine.gate.clear()
+    b.submit("digits", rows(1), far())
+    await until(lambda: b.queued_rows == 0)  # running, no longer queued
+    b.check_room()
+    b.submit("digits", rows(2), far())
+    with pytest.raises(QueueFull) as exc:
+        b.check_room()
+    assert exc.value.headers["Retry-After"].isdigit()
+    assert b.queued_rows == 2
+    engine.gate.set()
+    await b.stop()
+    with pytest.raises(NotReady):
+        b.check_room()
