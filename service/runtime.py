@@ -251,6 +251,7 @@ class Service:
         if model_version is not None and model_version != unit.version:
             raise UnknownTask(f"model {task!r} has no version {model_version!r}; it has {unit.version!r}")
         self.admit()
+        unit.batcher.check_room()  # 429 before the body is read when the queue is full
         return unit
 
     def deadline(self) -> float:
