@@ -86,23 +86,41 @@ def metric(text: str, pattern: str) -> float:
     return float(m.group(1))
 
 
-def test_client_that_disconnects_is_never_computed(server):
+def test_client_that_disconnects_is_never_computed(server, tiny_bundle):
+    """A request whose client leaves while it is queued (behind a busy engine: an idle one would
+    take it at once) is answered 499 and never computed: the trunk computes exactly the rows of
+    the other requests."""
+    from service.bench import payloads
+    from service.bundle import load_bundle
+
     _, url = server
     port = int(url.rsplit(":", 1)[1])
-    blob = png(9)
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        head = "POST /predict/shapes HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
-        s.sendall(f"{head}Content-Length: {len(blob)}\r\n\r\n".encode() + blob)
-        time.sleep(0.02)  # well inside max_wait_ms=100: the batch has not formed yet
-    trunk = 'mtserve_batch_size_count{segment="trunk"}'
+    m = load_bundle(tiny_bundle).manifest
+    flood_req = payloads.tensor_requests(m, ["digits"], rows=64)["digits"]  # 64 rows each
+    lone_req = payloads.tensor_requests(m, ["digits"], rows=1)["digits"]
+    trunk_rows = 'mtserve_batch_size_sum{segment="trunk"}'
+    before = metric(httpx.get(url + "/metrics").text, re.escape(trunk_rows))
+    flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(14)]
+    try:
+        for s in flood:
+            s.sendall(flood_req)
+        for _ in range(2000):  # same task, FIFO: the lone request will wait behind these rows
+            if metric(httpx.get(url + "/metrics").text, "mtserve_queue_depth") >= 3 * 64:
+                break
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(lone_req)  # and leave at once
+        for s in flood:
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "a flood request failed"
+    finally:
+        for s in flood:
+            s.close()
     for _ in range(100):
         text = httpx.get(url + "/metrics").text
-        if 'code="499",task="shapes"' in text:
+        if 'code="499",task="digits"' in text:
             break
         time.sleep(0.05)
-    assert metric(text, re.escape('mtserve_requests_total{code="499",task="shapes"}')) == 1
-    time.sleep(0.2)
-    assert metric(httpx.get(url + "/metrics").text, re.escape(trunk)) == 0  # nothing computed
+    assert metric(text, re.escape('mtserve_requests_total{code="499",task="digits"}')) == 1
+    assert metric(text, re.escape(trunk_rows)) - before == 14 * 64  # the lone row never computed
 
 
 def test_cross_task_batches_equal_requests_alone_then_graceful_shutdown(server):
@@ -168,3 +186,85 @@ def test_cross_task_batches_equal_requests_alone_then_graceful_shutdown(server):
         else:
             assert isinstance(r, httpx.TransportError), codes
     assert proc.wait(timeout=30) == 0
+
+
+def test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bundle):
+    """SIGTERM while 16 clients keep sending: every request is answered 200 or 503 ("shutting down")
+    until the listener closes (after that: refused or closed connections, never another status);
+    once a 503 has been answered, no request sent later gets 200; requests queued at SIGTERM are
+    all answered 200 (a 503 only ever refuses admission); the process exits 0."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--threads", "1", "--max-batch-size", "4", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(450):
+            assert proc.poll() is None, "server exited before it was ready"
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        blob = png(3)
+
+        async def scenario():
+            log: list[tuple[float, float, object]] = []  # (sent, answered, status or exception)
+            stop = asyncio.Event()
+
+            async def client(i: int) -> None:
+                async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                    while not stop.is_set():
+                        sent = time.monotonic()
+                        try:
+                            r = await predict(c, TASKS[i % 3], blob)
+                            out = (
+                                r.status_code,
+                                r.json()["error"]["message"] if r.status_code != 200 else "",
+                            )
+                        except httpx.TransportError as exc:
+                            out = exc
+                        log.append((sent, time.monotonic(), out))
+                        if isinstance(out, Exception):
+                            await asyncio.sleep(0.01)
+
+            tasks = [asyncio.ensure_future(client(i)) for i in range(16)]
+            queued = 0.0
+            async with httpx.AsyncClient(base_url=url) as probe:
+                for _ in range(300):  # under load, with rows queued
+                    queued = metric((await probe.get("/metrics")).text, "mtserve_queue_depth")
+                    if queued >= 4 and len(log) > 50:
+                        break
+                    await asyncio.sleep(0.01)
+            t_sig = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            while proc.poll() is None and time.monotonic() - t_sig < 30:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*tasks)
+            return log, t_sig, queued
+
+        log, t_sig, queued = asyncio.run(scenario())
+        assert proc.wait(timeout=30) == 0
+        assert queued >= 4
+        before = [out for sent, _, out in log if sent < t_sig]
+        assert all(out == (200, "") or (out[0] == 503 and "shutting down" in out[1]) for out in before), (
+            before
+        )
+        in_flight = [out for sent, done, out in log if sent < t_sig < done]
+        assert sum(out == (200, "") for out in in_flight) >= 1, in_flight  # queued at SIGTERM: answered
+        for _, _, out in log:
+            if not isinstance(out, Exception):
+                assert out == (200, "") or (out[0] == 503 and "shutting down" in out[1]), out
+        first_503 = min(
+            (done for _, done, out in log if isinstance(out, tuple) and out[0] == 503), default=None
+        )
+        if first_503 is not None:
+            assert all(out != (200, "") for sent, _, out in log if sent > first_503)
+        after = [out for sent, _, out in log if sent > t_sig]  # new requests kept coming until exit
+        assert after and any(isinstance(out, Exception) or out[0] == 503 for out in after), after
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
