@@ -57,7 +57,7 @@ async def predict(request: Request, task: str, top_k_: int | None = Query(None, 
     """Classify one or several images for one task: raw image body, multipart ``file`` parts, or JSON."""
     s = svc(request)
     async with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
-        deadline = s.deadline()
+        deadline = s.deadline(request)
         blobs, json_k = await read_images(request, s.settings.max_images_per_request)
         x = await s.preprocess(blobs)
         probs = await model.infer(task, x, request, deadline)

@@ -19,9 +19,8 @@ from starlette.routing import Route
 
 from service import admin, api, errors, v2
 from service.bundle import load_bundle
+from service.edge import Edge
 from service.engine import Engine, OrtEngine
-from service.inputs import BodyLimit
-from service.metrics import RequestMetrics
 from service.runtime import Service
 from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
 from service.settings import Settings
@@ -41,6 +40,14 @@ def build_engine(settings: Settings, path: Path | None = None) -> Engine:
         device_id=settings.device_id,
         warmup_batch_sizes=warmup,
     )
+
+
+class App(FastAPI):
+    """FastAPI with :class:`service.edge.Edge` around its whole middleware stack (error handlers,
+    routing): load shedding, deadlines, the body limit and request metrics come first, in one layer."""
+
+    def build_middleware_stack(self):
+        return Edge(super().build_middleware_stack(), self.state.service)
 
 
 def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
@@ -82,7 +89,7 @@ def create_app(
             await service.stop()
 
     m = service.manifest
-    app = FastAPI(
+    app = App(
         title="mtserve",
         summary=f"Multi-task image classification: bundle {m.name} {m.version}, tasks {', '.join(m.tasks)}",
         version=v2._version(),
@@ -101,6 +108,4 @@ def create_app(
     # parameter solving costs more than the route itself (OpenAPI documents the FastAPI one)
     app.router.routes[:0] = [Route(path, v2.infer_endpoint, methods=["POST"]) for path in v2.INFER_PATHS]
     _document_bodies(app, (PredictJSON, V2InferRequest) + ((ReloadRequest,) if admin_on else ()))
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
-    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every status
     return app

@@ -215,11 +215,13 @@ class Batcher:
         return True
 
     def _expire(self, job: Job) -> None:
-        """The deadline timer: 504 if the job has not started (then it never does); once started, a
-        job runs to the end."""
+        """The deadline timer: 504 now. A job that has not started never does; one computing finishes
+        its batch (rows are computed together) and its rows are dropped."""
         if not job.future.done():
-            queued = time.monotonic() - job.enqueued
-            self._abandon(job, DeadlineExceeded(f"deadline passed after {queued:.3f} s queued"))
+            waited = time.monotonic() - job.enqueued
+            if not self._abandon(job, DeadlineExceeded(f"deadline passed after {waited:.3f} s queued")):
+                msg = f"deadline passed after {waited:.3f} s, while its batch was computing"
+                job.future.set_exception(DeadlineExceeded(msg))
 
     def _client_left(self, job: Job, watcher: asyncio.Future) -> None:
         if watcher.cancelled():  # the job finished first
@@ -230,8 +232,8 @@ class Batcher:
             job.future.set_exception(exc)
 
     async def wait(self, job: Job, disconnected: Awaitable | None = None) -> list[np.ndarray]:
-        """The job's probabilities per row. 504 if its deadline passes before it started computing
-        (then it never is); if the client leaves (``disconnected`` completes) it is skipped.
+        """The job's probabilities per row. 504 when its deadline passes (if it had not started
+        computing, it never is); if the client leaves (``disconnected`` completes) it is skipped.
 
         Hot path: one timer and (with ``disconnected``) one watcher task with a done callback; the
         future is awaited directly (``asyncio.wait`` cost about a tenth of the event loop's time)."""

@@ -6,6 +6,7 @@ Routes never catch: they raise these, and the handlers installed by :func:`insta
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -109,6 +110,18 @@ def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def send_error(
+    send, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """The same JSON error answered straight over ASGI (the outermost layer's 413/429/504, before
+    FastAPI is reached: no Response object, no routing)."""
+    error = {"error": {"code": code, "message": message}}
+    body = json.dumps(error, ensure_ascii=False, separators=(",", ":")).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _message(exc: BaseException) -> str:

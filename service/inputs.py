@@ -1,4 +1,4 @@
-"""Reading a request's images: raw body, multipart files, JSON base64; the body size limit."""
+"""Reading a request's images: raw body, multipart files, JSON base64 (the body limit: service/edge.py)."""
 
 from __future__ import annotations
 
@@ -11,42 +11,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_response
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import PredictJSON
 
 RAW_TYPES = ("image/", "application/octet-stream")
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.ASCII)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a declared Content-Length over the limit, and for a streamed body
-    that grows past it (raised from ``receive``, inside the route, so the error table answers)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                if not value.isdigit() or int(value) > self.max_bytes:
-                    msg = f"body of {value.decode('latin-1')} bytes is over the limit of {self.max_bytes}"
-                    return await error_response(413, "payload_too_large", msg)(scope, receive, send)
-                break
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"body over the limit of {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited, send)
 
 
 def b64decode(text: str, what: str = "image") -> bytes:

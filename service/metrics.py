@@ -1,13 +1,12 @@
 """Prometheus metrics, exactly DESIGN.md §6 (prefix ``mtserve_``, base units, bounded labels).
 
-Task labels come only from the loaded manifest: :class:`RequestMetrics` (a pure ASGI middleware)
-counts a request only when its path names a known task, so an unknown task never creates a label.
+Task labels come only from the loaded manifest: the outermost ASGI layer (service/edge.py) counts a
+request only when its path names a known task, so an unknown task never creates a label.
 Every app has its own CollectorRegistry (tests build many apps in one process).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -128,31 +127,3 @@ def task_of(path: str) -> str | None:
     if len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] == "infer":
         return parts[2]
     return None
-
-
-class RequestMetrics:
-    """ASGI middleware: ``requests_total{task,code}`` and ``request_duration_seconds{task}`` for
-    the inference routes of known tasks, whatever the outcome (413 from the body limit too)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        task = task_of(scope["path"]) if scope["type"] == "http" else None
-        if task is None or task not in self.metrics.tasks:
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.requests.labels(task, str(status)).inc()
-            self.metrics.request_duration.labels(task).observe(time.perf_counter() - t0)

@@ -23,6 +23,7 @@ import numpy as np
 from fastapi import Request
 
 from service.batcher import Batcher
+from service.edge import DEADLINE, LoopLag
 from service.engine import Engine
 from service.errors import (
     BundleError,
@@ -50,11 +51,33 @@ async def disconnected(request: Request) -> None:
         pass
 
 
+FULL_SORT_MAX = 128  # classes up to which one stable argsort costs less than partition + sort of k
+
+
+def top_indices(p: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``p`` [N, C] (NaN-free), the indices of its ``k`` largest values, largest first, ties
+    by lower index: exactly ``np.argsort(-p, axis=1, kind="stable")[:, :k]``, but past a few classes
+    for the price of a partition and a sort of ``k`` per row (the event loop computes it)."""
+    n, c = p.shape
+    k = min(k, c)
+    if k == 1:
+        return p.argmax(axis=1)[:, None]  # the first maximum
+    if c <= FULL_SORT_MAX or k == c:
+        return np.argsort(-p, axis=1, kind="stable")[:, :k]
+    neg = -p
+    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]  # each row's k-th largest value
+    better = neg < kth
+    tied = neg == kth  # those taken: the lowest indices, as many as are needed to make k
+    take = better | (tied & (np.cumsum(tied, axis=1) <= k - better.sum(axis=1, keepdims=True)))
+    idx = np.nonzero(take)[1].reshape(n, k)  # ascending per row
+    order = np.argsort(np.take_along_axis(neg, idx, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1)
+
+
 def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict]:
-    k = min(k, len(labels))
-    idx = np.argpartition(-probs, k - 1)[:k] if k < len(labels) else np.arange(len(labels))
-    idx = idx[np.argsort(-probs[idx], kind="stable")]
-    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in idx]
+    idx = top_indices(probs[None, :], k)[0].tolist()
+    scores = probs.tolist()
+    return [{"label": labels[i], "index": i, "score": scores[i]} for i in idx]
 
 
 def check_compatible(old: Manifest, new: Manifest, where: str) -> None:
@@ -184,6 +207,7 @@ class Service:
         self._reload: asyncio.Task | None = None
         self._ready_event = asyncio.Event()
         self._starting: asyncio.Task | None = None
+        self.lag = LoopLag()  # the event loop's lateness: Edge sheds load when it is too high
 
     # the version served now (each request holds the unit it was admitted on)
     @property
@@ -201,6 +225,7 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load and warm the engine in the background (``/readyz`` 503 until then)."""
+        self.lag.start()
         self._starting = asyncio.get_running_loop().create_task(self._start_engine())
 
     async def _start_engine(self) -> None:
@@ -232,6 +257,7 @@ class Service:
             await asyncio.gather(self._reload, return_exceptions=True)
         await self.unit.close(wait_s=self.settings.timeout_ms / 1000.0 + 1.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.lag.stop()
 
     # -- per request --------------------------------------------------------------------------
     def task(self, name: str) -> TaskSpec:
@@ -254,7 +280,11 @@ class Service:
         unit.batcher.check_room()  # 429 before the body is read when the queue is full
         return unit
 
-    def deadline(self) -> float:
+    def deadline(self, request: Request | None = None) -> float:
+        """The request's deadline (``time.monotonic()``): ``timeout_ms`` after it reached the server's
+        outermost layer, which answers 504 then if the request has not answered yet."""
+        if request is not None and DEADLINE in request.scope:
+            return request.scope[DEADLINE]
         return time.monotonic() + self.settings.timeout_ms / 1000.0
 
     # -- admin: live reload ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--max-batch-size": ("max_batch_size", int, "rows per batch (default 32)"),
     "--max-wait-ms": ("max_wait_ms", float, "how long a batch waits to fill (default 2)"),
     "--queue-size": ("queue_size", int, "rows waiting before 429 (default 1024)"),
+    "--max-inflight": ("max_inflight", int, "requests in flight before 429 (default queue size + 2 batches)"),
     "--timeout-ms": ("timeout_ms", float, "request deadline; past it 504 (default 10000)"),
     "--max-body-mb": ("max_body_mb", float, "request body limit in MiB (default 16)"),
     "--max-images-per-request": ("max_images_per_request", int, "images per request (default 64)"),

@@ -39,7 +39,15 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="rows per batch through the model")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill after its first row")
     queue_size: int = Field(1024, ge=1, description="rows admitted but not yet batched; beyond: 429")
-    timeout_ms: float = Field(10_000, gt=0, description="deadline per request; past it: 504, never computed")
+    timeout_ms: float = Field(
+        10_000, gt=0, description="deadline per request; past it: 504 (never computed if not started)"
+    )
+    max_inflight: int = Field(
+        0,
+        ge=0,
+        description="inference requests admitted and not answered yet; beyond: 429 before the body is "
+        "read; 0 = queue_size + 2 x max_batch_size (the queue, the batch computing and the next one)",
+    )
     max_body_mb: float = Field(16.0, gt=0, description="request body limit; beyond: 413")
     max_images_per_request: int = Field(64, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="decoded width*height per image; beyond: 413")
@@ -98,6 +106,9 @@ class Settings(BaseSettings):
     def models_root(self) -> Path:
         """Where admin reloads may load from: ``model_dir``, else the directory holding the bundle."""
         return (self.model_dir or self.bundle.absolute().parent).resolve()
+
+    def inflight_limit(self) -> int:
+        return self.max_inflight or self.queue_size + 2 * self.max_batch_size
 
     def intra_op_threads(self) -> int:
         return self.threads or available_cpus()

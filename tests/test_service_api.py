@@ -8,6 +8,7 @@ import io
 import json
 import random
 import re
+import time
 
 import httpx
 import numpy as np
@@ -411,16 +412,22 @@ async def test_queue_full_429_with_retry_after(served):
 
 @pytest.mark.parametrize("served", [{"timeout_ms": 150, "max_batch_size": 1}], indirect=True)
 async def test_deadline_504_never_computed(served):
+    """Queued past its deadline: 504, never computed. Computing past it (the engine blocked): 504 at the
+    deadline too, not when the batch finishes."""
     client, _app, engine = served
     engine.gate.clear()
+    t0 = time.perf_counter()
     first = asyncio.ensure_future(
         client.post("/predict/digits", content=PNG, headers={"content-type": "image/png"})
     )
     await asyncio.sleep(0.05)
     r = await client.post("/predict/shapes", content=PNG, headers={"content-type": "image/png"})
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    r = await first
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert time.perf_counter() - t0 < 1.0  # the engine is still blocked
     engine.gate.set()
-    assert (await first).status_code == 200
+    await asyncio.sleep(0.05)
     assert all("shapes" not in c for c in engine.calls)
 
 

@@ -209,6 +209,21 @@ async def test_deadline_answers_504_and_never_computes():
     assert all("shapes" not in c for c in engine.calls)
 
 
+async def test_deadline_while_computing_answers_504_at_the_deadline():
+    """A job whose batch is computing when its deadline passes answers 504 then, not when the batch
+    finishes (the batch runs to its end; the job's rows are dropped)."""
+    b, engine = make(max_batch_size=1, max_wait_ms=0)
+    engine.gate.clear()
+    t0 = time.monotonic()
+    computing = b.submit("digits", rows(1), t0 + 0.1)
+    with pytest.raises(DeadlineExceeded, match="computing"):
+        await asyncio.wait_for(b.wait(computing), 5)
+    assert time.monotonic() - t0 < 1.0  # the engine is still blocked
+    engine.gate.set()
+    await b.stop()
+    assert engine.calls == [["digits"]]
+
+
 async def test_deadline_checked_by_the_collector_too():
     b, engine = make(max_batch_size=1, max_wait_ms=0)
     engine.gate.clear()

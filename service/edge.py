@@ -1,0 +1,203 @@
+"""The outermost ASGI layer: load shedding, the request deadline, the body limit, request metrics.
+
+FastAPI's stack (error handlers, routing, parameter solving) costs the event loop far more than a
+request that is turned away should, and when the event loop itself is the bottleneck, every
+microsecond spent on a rejected request is taken from an admitted one. :class:`Edge` is the first
+thing a request meets (``create_app`` wraps FastAPI's whole stack in it), one pure ASGI layer:
+
+- every route: 413 for a declared ``Content-Length`` over ``max_body_mb``; a streamed body growing
+  past it raises :class:`PayloadTooLarge` from ``receive`` (inside the route: the error table answers);
+- inference routes (``POST /predict/{task}``, ``POST /v2/models/{task}[/versions/{v}]/infer``):
+
+  - shedding: 429 ``queue_full`` with ``Retry-After``, before routing and without reading the body,
+    when ``max_inflight`` inference requests are in flight, when the queue is full, or when the event
+    loop runs late by more than :data:`LAG_FRACTION` of the timeout (then admitted requests could not
+    be answered in time: every admitted request needs several turns of the loop). uvicorn discards the
+    unread body of an answered request and keeps the connection alive;
+  - the deadline: ``timeout_ms`` from here. A request not answering by then (reading its body,
+    decoding, queued, computing) is cancelled and answered 504 ``deadline_exceeded``;
+  - metrics: ``requests_total{task,code}`` and ``request_duration_seconds{task}``, only for tasks of a
+    loaded manifest (an unknown task creates no series; it is shed too when overloaded).
+
+Not shed: a server loading or draining answers 503 from the route (shutdown stays ``200`` or ``503``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from service.errors import STATUS, DeadlineExceeded, PayloadTooLarge, QueueFull, send_error
+from service.metrics import task_of
+
+if TYPE_CHECKING:
+    from service.runtime import Service
+
+log = logging.getLogger("mtserve")
+
+DEADLINE = "mtserve.deadline"  # scope key: the request's deadline (time.monotonic()), set by Edge
+LAG_FRACTION = 0.05  # shed while the event loop is late by more than this share of timeout_ms
+LOG_EVERY_S = 10.0  # at most one "shedding" log line per this many seconds
+RETRY_AFTER = ((b"retry-after", b"1"),)
+
+
+class LoopLag:
+    """How late the event loop runs, from a periodic timer (``interval`` s): how late it fired. Costs
+    one callback per interval."""
+
+    def __init__(self, interval: float = 0.025):
+        self.interval = interval
+        self.lag = 0.0  # lateness of the last tick (s)
+        self._due: float | None = None  # time.monotonic() the next tick is due
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle, self._due, self.lag = None, None, 0.0
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = time.monotonic() + self.interval
+        self._handle = loop.call_later(self.interval, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.lag = max(0.0, time.monotonic() - self._due)  # type: ignore[operator]
+        self._schedule(loop)
+
+    def current(self, now: float) -> float:
+        """The lag now: the last tick's, or more if the next tick is overdue already."""
+        return self.lag if self._due is None else max(self.lag, now - self._due)
+
+
+class Edge:
+    """The ASGI middleware described above; ``app`` is FastAPI's own middleware stack."""
+
+    def __init__(self, app, service: Service):
+        settings = service.settings
+        self.app = app
+        self.service = service
+        self.metrics = service.metrics
+        self.max_body = int(settings.max_body_mb * 1024 * 1024)
+        self.timeout = settings.timeout_ms / 1000.0
+        self.max_inflight = settings.inflight_limit()
+        self.max_lag = LAG_FRACTION * self.timeout
+        self.inflight = 0  # inference requests admitted and not answered yet
+        self.shed = 0  # since the last log line
+        self._logged = 0.0
+        self._counters: dict[tuple[str, int], object] = {}
+        self._status_429, self._code_429 = STATUS[QueueFull]
+        self._status_504, self._code_504 = STATUS[DeadlineExceeded]
+        self._status_413, self._code_413 = STATUS[PayloadTooLarge]
+
+    def overloaded(self, now: float) -> str | None:
+        """Why a new inference request must be turned away now, or None."""
+        s = self.service
+        if s.draining or not s.ready:
+            return None  # the route answers 503
+        if self.inflight >= self.max_inflight:
+            return f"{self.inflight} requests in flight, the limit; retry later"
+        b = s.unit.batcher
+        if b.queued_rows >= b.queue_size:
+            return f"queue full ({b.queued_rows} of {b.queue_size} rows waiting)"
+        lag = s.lag.current(now)
+        if lag > self.max_lag:
+            return f"overloaded: the event loop is {lag * 1e3:.0f} ms behind; retry later"
+        return None
+
+    def _too_large(self, headers) -> str | None:
+        for key, value in headers:
+            if key == b"content-length":
+                if not value.isdigit() or int(value) > self.max_body:
+                    return f"body of {value.decode('latin-1')} bytes is over the limit of {self.max_body}"
+                return None
+        return None
+
+    def _limited(self, receive):
+        """``receive`` that raises 413 once the body streamed so far is over the limit."""
+        seen = 0
+        limit = self.max_body
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"body over the limit of {limit} bytes")
+            return message
+
+        return limited
+
+    def _log_shed(self, now: float, reason: str) -> None:
+        self.shed += 1
+        if now - self._logged >= LOG_EVERY_S:
+            log.warning("shedding load (%d answered 429 since the last message): %s", self.shed, reason)
+            self._logged, self.shed = now, 0
+
+    def _count(self, task: str, status: int, seconds: float) -> None:
+        counter = self._counters.get((task, status))
+        if counter is None:
+            counter = self._counters[(task, status)] = self.metrics.requests.labels(task, str(status))
+        counter.inc()  # type: ignore[attr-defined]
+        self.metrics.request_duration.labels(task).observe(seconds)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        task = task_of(scope["path"])
+        too_large = self._too_large(scope["headers"])
+        if task is None:
+            if too_large is not None:
+                return await send_error(send, self._status_413, self._code_413, too_large)
+            return await self.app(scope, self._limited(receive), send)
+
+        t0 = time.perf_counter()
+        status = 500
+        admitted = False
+        try:
+            now = time.monotonic()
+            if too_large is not None:
+                status = self._status_413
+                await send_error(send, status, self._code_413, too_large)
+                return
+            reason = self.overloaded(now) if scope["method"] == "POST" else None
+            if reason is not None:
+                status = self._status_429
+                self._log_shed(now, reason)
+                await send_error(send, status, self._code_429, reason, RETRY_AFTER)
+                return
+            # admitted: answered by its deadline, whatever it is waiting for
+            self.inflight += 1
+            admitted = True
+            scope[DEADLINE] = now + self.timeout
+            answered = False
+            timeout = asyncio.timeout(self.timeout)
+
+            async def watched(message):
+                nonlocal status, answered
+                if message["type"] == "http.response.start":
+                    status, answered = message["status"], True
+                    if not timeout.expired():
+                        timeout.reschedule(None)  # answering: not interrupted any more
+                await send(message)
+
+            try:
+                async with timeout:
+                    await self.app(scope, self._limited(receive), watched)
+            except TimeoutError:
+                if answered or not timeout.expired():
+                    raise
+                status = self._status_504
+                msg = f"no answer within the deadline of {self.timeout * 1e3:.0f} ms"
+                await send_error(send, status, self._code_504, msg)
+        finally:
+            if admitted:
+                self.inflight -= 1
+            if task in self.metrics.tasks:
+                self._count(task, status, time.perf_counter() - t0)
