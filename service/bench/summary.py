@@ -85,6 +85,6 @@ def write_summary(out: Path, results: dict, seconds: float) -> None:
     )
     md += (
         f"\n_{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, load average at the end "
-        f"{machine['loadavg']}; {how}. GPU: not measured._\n"
+        f"{machine['loadavg']}; {how}. GPU figures: results/bench-gpu/ (`--device cuda`)._\n"
     )
     (out / "summary.md").write_text("### Targets of issue 5\n\n" + md)
