@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge
+from service.images import to_rgb
 from service.manifest import InputSpec
 
 # the image formats a request may use: the common web/camera formats. Pillow opens some 40 more
@@ -85,23 +86,6 @@ def transform(img: Image.Image, spec: InputSpec) -> np.ndarray:
     x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit RGB, exactly as the trainer reads it (``training.imagefolder.to_rgb``):
-    16-bit gray rescaled (not clipped to 255), 32-bit/float gray stretched if out of 0..255, palettes
-    via RGBA, alpha dropped."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
-        elif arr.size and (arr.max() > 255 or arr.min() < 0):
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / max(hi - lo, 1e-6))
-        img = Image.fromarray(np.clip(np.nan_to_num(arr) + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "P":
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:

@@ -5,64 +5,25 @@ alone, and SIGTERM must finish every admitted request and exit 0."""
 from __future__ import annotations
 
 import asyncio
-import io
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serving import png, serve
+
 TASKS = ["digits", "animals", "shapes"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (30 + seed, 44, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    port = free_port()
-    env = os.environ | {"MTSERVE_MAX_WAIT_MS": "100", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", "1", "--max-batch-size", "64", "--log-level", "warning"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+    args = ("--threads", "1", "--max-batch-size", "64", "--log-level", "warning")
+    with serve(tiny_bundle, *args, env={"MTSERVE_MAX_WAIT_MS": "100"}) as (proc, url, _):
         yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def scores(body: dict) -> list[np.ndarray]:
@@ -193,20 +154,8 @@ def test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bun
     until the listener closes (after that: refused or closed connections, never another status);
     once a 503 has been answered, no request sent later gets 200; requests queued at SIGTERM are
     all answered 200 (a 503 only ever refuses admission); the process exits 0."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", "1", "--max-batch-size", "4", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(450):
-            assert proc.poll() is None, "server exited before it was ready"
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    args = ("--threads", "1", "--max-batch-size", "4", "--log-level", "warning")
+    with serve(tiny_bundle, *args) as (proc, url, _):
         blob = png(3)
 
         async def scenario():
@@ -264,7 +213,3 @@ def test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bun
             assert all(out != (200, "") for sent, _, out in log if sent > first_503)
         after = [out for sent, _, out in log if sent > t_sig]  # new requests kept coming until exit
         assert after and any(isinstance(out, Exception) or out[0] == 503 for out in after), after
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)

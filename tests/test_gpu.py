@@ -4,17 +4,12 @@ the trainer runs on CUDA with mixed precision. Run: ``pytest -m gpu tests/test_g
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
 import httpx
 import numpy as np
 import pytest
-from test_e2e_service import ROOT, free_port, png
 
 from service.bundle import load_bundle
+from tests.serving import png, serve
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = [
@@ -55,35 +50,14 @@ def test_cuda_engine_uses_cuda_with_iobinding_and_equals_cpu(tiny_bundle):
 
 
 def test_server_on_cuda_reports_the_provider_and_answers(tiny_bundle):
-    port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--device", "cuda", "--log-level", "warning"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                ready = httpx.get(url + "/readyz", timeout=1)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.3)
-        assert "CUDAExecutionProvider" in str(ready.json())
-        info = [
-            ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith("mtserve_model_info{")
-        ]
+    with serve(tiny_bundle, "--device", "cuda", "--log-level", "warning") as (proc, url, _):
+        assert "CUDAExecutionProvider" in str(httpx.get(url + "/readyz").json())
+        lines = httpx.get(url + "/metrics").text.splitlines()
+        info = [ln for ln in lines if ln.startswith("mtserve_model_info{")]
         assert info and 'providers="CUDAExecutionProvider' in info[0], info
         for i, task in enumerate(["digits", "animals", "shapes"]):
             r = httpx.post(f"{url}/predict/{task}", content=png(i), headers={"content-type": "image/png"})
             assert r.status_code == 200, r.text
-    finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
 

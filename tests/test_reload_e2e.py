@@ -6,18 +6,16 @@ sent after a reload returned must be answered by that reload's version or a late
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.test_e2e_service import ROOT, TASKS, free_port, png
+from tests.serving import png, serve
+from tests.test_e2e_service import TASKS
 from tests.test_reload import TOKEN, make_model_dir
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -27,30 +25,10 @@ WORKERS = 6
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_bundle):
     models = make_model_dir(tmp_path_factory.mktemp("reload-e2e"), tiny_bundle, extra_versions=("3", "4"))
-    port = free_port()
-    env = os.environ | {"MTSERVE_ADMIN_TOKEN": TOKEN, "MTSERVE_MAX_WAIT_MS": "2", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(models / "v1"), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", "1", "--max-batch-size", "16", "--log-level", "info"]
-    log = models.parent / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+    env = {"MTSERVE_ADMIN_TOKEN": TOKEN, "MTSERVE_MAX_WAIT_MS": "2"}
+    args = ("--threads", "1", "--max-batch-size", "16", "--log-level", "info")
+    with serve(models / "v1", *args, env=env, log=models.parent / "server.log") as (proc, url, log):
         yield proc, url, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def tensor_body(seed: int) -> dict:

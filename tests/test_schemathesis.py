@@ -16,12 +16,6 @@ real server serves the same OpenAPI document, and every request goes to the real
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import pytest
 import schemathesis
@@ -34,9 +28,8 @@ from service.app import create_app
 from service.settings import Settings
 from tests.conftest import TINY_TASKS
 from tests.fakes import FakeEngine
-from tests.test_e2e_service import free_port
+from tests.serving import serve
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_EXAMPLES = 25
 # The one check left out, and only here: positive_data_acceptance (a schema-valid request must not
 # be refused). These bodies carry content no JSON Schema can express: /predict takes bytes that must
@@ -92,34 +85,10 @@ def flatmap_path_parameters(context, path_parameters: dict):
 def server(tiny_bundle):
     """``mtserve serve`` on 127.0.0.1 (a real uvicorn: schemathesis ends an in-process app's lifespan
     after every test, and a service does not start twice); yields its base URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", "1", "--preprocess-workers", "1", "--log-level", "warning"]
-    cmd += ["--max-wait-ms", "1", "--max-body-mb", "1", "--max-images-per-request", "4"]
-    env = os.environ | {"MTSERVE_WARMUP": "false", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never became ready"
-            time.sleep(0.1)
+    args = ("--threads", "1", "--preprocess-workers", "1", "--log-level", "warning", "--max-wait-ms", "1")
+    args += ("--max-body-mb", "1", "--max-images-per-request", "4")
+    with serve(tiny_bundle, *args, env={"MTSERVE_WARMUP": "false"}) as (_, url, _log):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_the_server_serves_the_schema_under_test(server):

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.images import to_rgb
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -64,21 +66,6 @@ def load_task(name: str, root: str | Path) -> TaskData:
     if len(train_classes) < 2:
         raise DataError(f"task {name!r}: needs at least 2 classes, found {train_classes} under {root}")
     return TaskData(name, root, tuple(train_classes), tuple(train), tuple(val))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit RGB: 16-bit/32-bit/float gray rescaled, alpha dropped, palettes expanded."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
-        elif arr.size and (arr.max() > 255 or arr.min() < 0):
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / max(hi - lo, 1e-6))
-        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "P":
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def load_image(path: str) -> Image.Image:
