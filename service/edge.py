@@ -11,8 +11,9 @@ thing a request meets (``create_app`` wraps FastAPI's whole stack in it), one pu
 
   - shedding: 429 ``queue_full`` with ``Retry-After``, before routing and without reading the body,
     when ``max_inflight`` inference requests are in flight, when the queue is full, or when the event
-    loop runs late by more than :data:`LAG_FRACTION` of the timeout (then admitted requests could not
-    be answered in time: every admitted request needs several turns of the loop). uvicorn discards the
+    loop runs late by more than :data:`LAG_FRACTION` of the timeout (at least :data:`LAG_FLOOR_S`):
+    every admitted request needs several turns of the loop, and a loop that cannot keep up lets requests
+    pile up unread in their sockets, where no admission control sees them. uvicorn discards the
     unread body of an answered request and keeps the connection alive;
   - the deadline: ``timeout_ms`` from here. A request not answering by then (reading its body,
     decoding, queued, computing) is cancelled and answered 504 ``deadline_exceeded``;
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mtserve")
 
 DEADLINE = "mtserve.deadline"  # scope key: the request's deadline (time.monotonic()), set by Edge
-LAG_FRACTION = 0.05  # shed while the event loop is late by more than this share of timeout_ms
+LAG_FRACTION = 0.02  # shed while the event loop is late by more than this share of timeout_ms,
+LAG_FLOOR_S = 0.1  # and by more than this (at saturation, not overloaded, it runs up to ~50 ms late)
 LOG_EVERY_S = 10.0  # at most one "shedding" log line per this many seconds
 RETRY_AFTER = ((b"retry-after", b"1"),)
 
@@ -86,11 +88,11 @@ class Edge:
         self.max_body = int(settings.max_body_mb * 1024 * 1024)
         self.timeout = settings.timeout_ms / 1000.0
         self.max_inflight = settings.inflight_limit()
-        self.max_lag = LAG_FRACTION * self.timeout
+        self.max_lag = max(LAG_FLOOR_S, LAG_FRACTION * self.timeout)
         self.inflight = 0  # inference requests admitted and not answered yet
         self.shed = 0  # since the last log line
         self._logged = 0.0
-        self._counters: dict[tuple[str, int], object] = {}
+        self._series: dict[tuple[str, int], tuple[object, object]] = {}
         self._status_429, self._code_429 = STATUS[QueueFull]
         self._status_504, self._code_504 = STATUS[DeadlineExceeded]
         self._status_413, self._code_413 = STATUS[PayloadTooLarge]
@@ -101,13 +103,12 @@ class Edge:
         if s.draining or not s.ready:
             return None  # the route answers 503
         if self.inflight >= self.max_inflight:
-            return f"{self.inflight} requests in flight, the limit; retry later"
+            return f"overloaded: {self.max_inflight} requests in flight, the limit; retry later"
         b = s.unit.batcher
         if b.queued_rows >= b.queue_size:
-            return f"queue full ({b.queued_rows} of {b.queue_size} rows waiting)"
-        lag = s.lag.current(now)
-        if lag > self.max_lag:
-            return f"overloaded: the event loop is {lag * 1e3:.0f} ms behind; retry later"
+            return f"queue full ({b.queue_size} rows waiting, the limit); retry later"
+        if s.lag.current(now) > self.max_lag:
+            return f"overloaded: the event loop is over {self.max_lag * 1e3:.0f} ms behind; retry later"
         return None
 
     def _too_large(self, headers) -> str | None:
@@ -141,11 +142,15 @@ class Edge:
             self._logged, self.shed = now, 0
 
     def _count(self, task: str, status: int, seconds: float) -> None:
-        counter = self._counters.get((task, status))
-        if counter is None:
-            counter = self._counters[(task, status)] = self.metrics.requests.labels(task, str(status))
-        counter.inc()  # type: ignore[attr-defined]
-        self.metrics.request_duration.labels(task).observe(seconds)
+        series = self._series.get((task, status))
+        if series is None:  # prometheus_client's labels() takes a lock and builds a key each time
+            m = self.metrics
+            series = self._series[(task, status)] = (
+                m.requests.labels(task, str(status)),
+                m.request_duration.labels(task),
+            )
+        series[0].inc()  # type: ignore[attr-defined]
+        series[1].observe(seconds)  # type: ignore[attr-defined]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.app import create_app
-from service.edge import DEADLINE, LAG_FRACTION, Edge, LoopLag
+from service.edge import DEADLINE, LAG_FLOOR_S, LAG_FRACTION, Edge, LoopLag
 from service.errors import PayloadTooLarge
 from service.metrics import Metrics
 from service.runtime import top_indices
@@ -150,7 +150,8 @@ async def test_full_queue_and_late_loop_shed():
     assert_shed(*await call(edge))
     b.queued_rows = b.queue_size - 1
     assert (await call(edge))[0] == 200
-    svc.lag.lag = LAG_FRACTION * svc.settings.timeout_ms / 1000 * 1.5
+    assert edge.max_lag == max(LAG_FLOOR_S, LAG_FRACTION * svc.settings.timeout_ms / 1000)
+    svc.lag.lag = edge.max_lag * 1.5
     status, headers, body, reads = await call(edge)
     assert_shed(status, headers, body, reads)
     assert "event loop" in json.loads(body)["error"]["message"]
