@@ -418,8 +418,8 @@ async def test_requests_admitted_before_the_swap_finish_on_the_old_version(serve
 
 @pytest.mark.parametrize("served", [{"timeout_ms": 300}], indirect=True)
 async def test_a_request_stuck_past_its_deadline_does_not_hold_the_old_version(served):
-    """A client still sending its body when every deadline of the old version has passed (slowloris)
-    does not keep it loaded: the reload closes it after timeout_ms; that request answers 504."""
+    """A client still sending its body when its deadline passes (slowloris) is answered 504 then, which
+    releases the old version: the reload's drain does not wait for that client."""
     client, app = served
     service, release = app.state.service, asyncio.Event()
 
@@ -435,11 +435,11 @@ async def test_a_request_stuck_past_its_deadline_does_not_hold_the_old_version(s
         await asyncio.sleep(0.01)
     assert service.unit.leases == 1
     r = await reload(client, "v2")
-    assert r.status_code == 200 and 0.3 <= r.json()["drain_s"] < 5, r.text
+    assert r.status_code == 200 and r.json()["drain_s"] < 1, r.text
     assert (await predict(client)).json()["model_version"] == "2"
-    release.set()
-    r = await stuck
+    r = await asyncio.wait_for(stuck, 5)  # answered without the rest of its body
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert not release.is_set()
 
 
 async def test_one_reload_at_a_time(served):
