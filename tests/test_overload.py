@@ -34,11 +34,15 @@ def test_overload_sheds_with_429_and_answers_every_admitted_request(figures):
     assert f["unfinished"] == 0, f  # every request was answered
     assert set(codes) <= {200, 429, 504}, f  # no 500, no 503, no transport error
     assert codes.get(429, 0) > 0 and codes.get(200, 0) > 0, f  # it was overloaded, and it kept serving
-    # every 429: Retry-After and a JSON error body, well before the request timeout
+    # every 429: Retry-After and a JSON error body, well before the request timeout (shed by the
+    # outermost layer, before routing and before the body is read)
     assert f["429_without_retry_after"] == 0 and f["429_without_json_error"] == 0, f
-    assert f["429_p99_ms"] < TIMEOUT_MS / 5, f
-    # admitted requests finish: 200 (started before the deadline, then computed to the end) or 504
-    assert f["ok_max_ms"] < TIMEOUT_MS + 3000, f
+    assert f["429_p99_ms"] < TIMEOUT_MS / 10, f
+    # every admitted request (200 or 504) is answered by its deadline, as the client measures it (the
+    # server answers 504 at the deadline, even while computing; a little for the way there and back)
+    assert f["admitted_max_ms"] < TIMEOUT_MS + 500, f
+    # shedding does not starve the engine: it keeps serving at about its capacity
+    assert f["served_rps"] > 0.5 * f["capacity_rps"], f
 
 
 def test_overload_memory_stays_bounded_and_server_recovers(figures):
