@@ -13,7 +13,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,25 +145,44 @@ async def open_loop(
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     picks = rng.choice(len(names), size=n, p=probs)
     pool, res = _Pool(port, max_conns), Result("open", seconds, rate)
+
+    def job(k: int, t0: float, at: float) -> Awaitable[None]:
+        return _one(pool, requests[names[k]], t0 + at, res, at >= warmup, t0 + warmup)
+
+    _, res.unfinished = await run_schedule(arrivals, picks, warmup + seconds, job, drain)
+    for _, w in pool.idle:
+        w.close()
+    return res
+
+
+async def run_schedule(
+    arrivals: Sequence[float],
+    picks: Sequence[int],
+    until_s: float,
+    job: Callable[[int, float, float], Awaitable[None]],
+    drain: float,
+) -> tuple[int, int]:
+    """Open loop: start ``job(pick, t0, at)`` at each scheduled arrival ``at`` (seconds after ``t0``)
+    up to ``until_s``, never waiting for answers; then give the running jobs ``drain`` s and cancel the
+    rest. Returns (sent, unfinished)."""
     running: set[asyncio.Task] = set()
-    t0 = time.perf_counter()
+    sent, t0 = 0, time.perf_counter()
     for at, k in zip(arrivals, picks, strict=True):
-        if at > warmup + seconds:
+        if at > until_s:
             break
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        job = asyncio.create_task(_one(pool, requests[names[k]], t0 + at, res, at >= warmup, t0 + warmup))
-        running.add(job)
-        job.add_done_callback(running.discard)
-    if running:
-        _, late = await asyncio.wait(set(running), timeout=drain)
-        for job in late:
-            job.cancel()
-        res.unfinished = len(late)
-    for _, w in pool.idle:
-        w.close()
-    return res
+        task = asyncio.create_task(job(int(k), t0, float(at)))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        sent += 1
+    if not running:
+        return sent, 0
+    _, late = await asyncio.wait(set(running), timeout=drain)
+    for task in late:
+        task.cancel()
+    return sent, len(late)
 
 
 async def closed_loop(

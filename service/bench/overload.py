@@ -110,9 +110,9 @@ async def open_loop(
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     picks = rng.integers(0, len(names), n)
     pool, run = _Pool(port, max_conns), Run(rate, seconds)
-    running: set[asyncio.Task] = set()
 
-    async def one(request: bytes, start: float) -> None:
+    async def one(k: int, t0: float, at: float) -> None:
+        request = requests[names[k]]
         conn = await pool.get()
         ok = True
         try:
@@ -121,26 +121,11 @@ async def open_loop(
             a, ok = Answer(599, 0.0, transport=f"{type(exc).__name__}: {exc}"[:120]), False
         await pool.put(conn, ok)
         now = time.perf_counter()
-        a.latency = now - start
+        a.latency = now - (t0 + at)
         run.answers.append(a)
         run.window_s = max(run.window_s, now - t0)
 
-    t0 = time.perf_counter()
-    for at, k in zip(arrivals, picks, strict=True):
-        if at > seconds:
-            break
-        delay = t0 + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        job = asyncio.create_task(one(requests[names[k]], t0 + at))
-        running.add(job)
-        job.add_done_callback(running.discard)
-        run.sent += 1
-    if running:
-        _, late = await asyncio.wait(set(running), timeout=drain)
-        for job in late:
-            job.cancel()
-        run.unfinished = len(late)
+    run.sent, run.unfinished = await loadgen.run_schedule(arrivals, picks, seconds, one, drain)
     for _, w in pool.idle:
         w.close()
     return run
