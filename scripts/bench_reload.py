@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.bench.server import free_port  # noqa: E402
+
 TOKEN = "bench-reload-token-0123456789abcdef"
 
 
@@ -33,9 +36,7 @@ def main() -> int:
     ap.add_argument("--reloads", type=int, default=3)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "serve", str(args.bundle), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"MTSERVE_ADMIN_TOKEN": TOKEN})

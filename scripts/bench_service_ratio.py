@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.bench.server import free_port  # noqa: E402
 from service.bundle import load_bundle  # noqa: E402
 
 
@@ -118,12 +118,6 @@ async def load(port: int, requests: list[bytes], concurrency: int, seconds: floa
 
 
 # -- the server --------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [
         sys.executable,
