@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from service.bench.context import Ctx, Model
+from service.bench.context import BenchContext, BenchModel
 from service.settings import available_cpus
 
 SCENARIOS = ("engine", "overhead", "cross-task", "memory", "peer", "idle")
@@ -49,16 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
 
 
-def models(args: argparse.Namespace) -> dict[str, Model]:
+def models(args: argparse.Namespace) -> dict[str, BenchModel]:
     singles = sorted(p for p in Path(args.r50_singles).glob("*") if (p / "manifest.json").exists())
     return {
-        "demo": Model("demo", Path(args.demo), Path(args.demo8), args.p99_demo_ms),
-        "r50": Model("r50", Path(args.r50), Path(args.r50), args.p99_r50_ms, warmup_s=3.0, singles=singles),
+        "demo": BenchModel("demo", Path(args.demo), Path(args.demo8), args.p99_demo_ms),
+        "r50": BenchModel(
+            "r50", Path(args.r50), Path(args.r50), args.p99_r50_ms, warmup_s=3.0, singles=singles
+        ),
     }
 
 
-def contexts(args: argparse.Namespace) -> dict[str, Ctx]:
-    base = Ctx(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
+def contexts(args: argparse.Namespace) -> dict[str, BenchContext]:
+    base = BenchContext(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
     base = replace(base, device=args.device)
     if args.quick:
         base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
@@ -74,7 +76,7 @@ def contexts(args: argparse.Namespace) -> dict[str, Ctx]:
     return {"demo": base, "r50": r50}
 
 
-def run_one(name: str, ctx: Ctx, model: Model) -> dict:
+def run_one(name: str, ctx: BenchContext, model: BenchModel) -> dict:
     from service.bench import http_scenarios as h
     from service.bench.engine_bench import run_engine
     from service.bench.memory import memory
@@ -86,7 +88,7 @@ def run_one(name: str, ctx: Ctx, model: Model) -> dict:
     return fn[name](ctx, model)
 
 
-def engine_scenario(ctx: Ctx, model: Model, run_engine) -> dict:
+def engine_scenario(ctx: BenchContext, model: BenchModel, run_engine) -> dict:
     from service.bench import report
 
     result = ctx.header("engine", model, f"engine: raw onnxruntime images/s ({model.key})")

@@ -11,7 +11,7 @@ from service.manifest import Manifest
 
 
 @dataclass
-class Model:
+class BenchModel:
     """A model under test: ``bundle`` for engine/P1/P3/P4/P5, ``bundle8`` (8+ tasks) for P2."""
 
     key: str  # "demo" or "r50"
@@ -26,7 +26,9 @@ class Model:
 
 
 @dataclass
-class Ctx:
+class BenchContext:
+    """How a scenario runs: output folder, threads, durations, batching, device."""
+
     out: Path
     threads: int = 2
     seconds: float = 5.0  # per load point
@@ -43,7 +45,7 @@ class Ctx:
             *("--device", self.device, *extra),
         ]
 
-    def header(self, scenario: str, model: Model, title: str) -> dict:
+    def header(self, scenario: str, model: BenchModel, title: str) -> dict:
         return {
             "scenario": scenario,
             "model": model.key,

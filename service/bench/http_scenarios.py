@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from service.bench import loadgen, payloads, report, server
-from service.bench.context import Ctx, Model
+from service.bench.context import BenchContext, BenchModel
 from service.bench.engine_bench import make_engine, run_engine, time_batches
 
 
-def saturate(ctx: Ctx, model: Model, port: int, requests: dict[str, bytes], clients: int) -> dict:
+def saturate(
+    ctx: BenchContext, model: BenchModel, port: int, requests: dict[str, bytes], clients: int
+) -> dict:
     """Closed loop, ``clients`` in flight, tasks uniformly mixed; adds the trunk batch statistics."""
     mix = loadgen.task_mix(list(requests), "uniform")
     before = server.scrape_batches(port)
@@ -17,7 +19,7 @@ def saturate(ctx: Ctx, model: Model, port: int, requests: dict[str, bytes], clie
     return res.summary() | {"clients": clients} | server.batch_delta(before, server.scrape_batches(port))
 
 
-def overhead(ctx: Ctx, model: Model) -> dict:
+def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     """P1: service at saturation (tensor via /v2, JPEG via /predict) / engine at the same batch size.
 
     The engine (same process as the load generator, the server idle meanwhile) is timed before,
@@ -86,8 +88,8 @@ def at_target(points: list[dict], target_ms: float) -> float:
 
 
 def interleaved(
-    ctx: Ctx,
-    model: Model,
+    ctx: BenchContext,
+    model: BenchModel,
     ports: dict[str, int],
     reqs: dict[str, dict[str, bytes]],
     clients: list,
@@ -119,7 +121,7 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def cross_task(ctx: Ctx, model: Model) -> dict:
+def cross_task(ctx: BenchContext, model: BenchModel) -> dict:
     """P2: the same 8-task bundle served twice, cross-task and per-task batching, side by side;
     closed loop with one client per task (uniform) or 8 clients on the Zipf mix, then open loop."""
     result = ctx.header("cross-task", model, f"P2 cross-task vs per-task batching ({model.key}, 8 tasks)")
@@ -178,7 +180,7 @@ def cross_task(ctx: Ctx, model: Model) -> dict:
     return result
 
 
-def idle(ctx: Ctx, model: Model, requests: int = 200, pause_s: float = 0.01) -> dict:
+def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: float = 0.01) -> dict:
     """P5: single requests at idle (one client, a pause between requests), p50 minus engine batch-1 p50;
     with the default ``max_wait_ms`` and with 0 (dispatch at once)."""
     result = ctx.header("idle", model, f"P5 idle latency ({model.key})")

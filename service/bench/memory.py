@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from service.bench import report, server
-from service.bench.context import Ctx, Model
+from service.bench.context import BenchContext, BenchModel
 
 MiB = 2**20
 
@@ -26,7 +26,7 @@ def probe(bundles: list[str], threads: int) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss"])
 
 
-def memory(ctx: Ctx, model: Model) -> dict:
+def memory(ctx: BenchContext, model: BenchModel) -> dict:
     result = ctx.header("memory", model, f"P3 memory after warm-up ({model.key})")
     n = len(model.manifest().tasks)
     singles = model.singles[:n]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 from service.bench import loadgen, payloads, report, server
-from service.bench.context import Ctx, Model
+from service.bench.context import BenchContext, BenchModel
 from service.bench.http_scenarios import interleaved
 
 
-def peer(ctx: Ctx, model: Model) -> dict:
+def peer(ctx: BenchContext, model: BenchModel) -> dict:
     """Closed-loop saturation (2 x max batch clients) and an open-loop sweep at the same rates."""
     result = ctx.header("peer", model, f"P4 mtserve vs LitServe ({model.key})")
     if find_spec("litserve") is None:
