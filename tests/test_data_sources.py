@@ -75,13 +75,13 @@ def test_safe_unpickler_loads_numpy_arrays(tmp_path: Path, protocol: int, suffix
 def test_no_plain_pickle_load_in_sources() -> None:
     for path in (ROOT / "training").glob("*.py"):
         text = path.read_text()
-        if path.name in {"sources.py", "render_sources.py", "demo_data.py", "mdb.py", "data_cli.py"}:
+        if path.name in {"sources.py", "render_sources.py", "demo_data.py", "multidomain.py", "data_cli.py"}:
             assert "pickle.load(" not in text and "pickle.loads(" not in text, path
 
 
 def test_data_modules_import_without_torch() -> None:
     code = (
-        "import sys, training.data_cli, training.sources, training.render_sources, training.mdb, "
+        "import sys, training.data_cli, training.sources, training.render_sources, training.multidomain, "
         "training.demo_data; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "sources":
         return _list_sources()
     from training.demo_data import build_demo
-    from training.mdb import build_control, build_mdb
+    from training.multidomain import build_control, build_multidomain
 
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     common = {"size": args.size, "max_per_class": args.max_per_class or None, "seed": args.seed,
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         names = None if args.sources is None else [s.strip() for s in args.sources.split(",") if s.strip()]
         kwargs = {"sources": names} if names is not None else {}
-        card, reused = build_mdb(args.out, val_fraction=args.val_fraction, **kwargs, **common)
+        card, reused = build_multidomain(args.out, val_fraction=args.val_fraction, **kwargs, **common)
     if not args.quiet:
         _print_card(card, args.out, reused, time.perf_counter() - start)
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.cli import UserError, main
-from training import mdb, sources
+from training import multidomain, sources
 from training.demo_data import plan_task
 from training.sources import Source, SourceUnavailable
 
@@ -43,9 +43,9 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sources.LOADERS, "emoji", lambda: _fake("emoji", 3, 10, rgb=True))
 
 
-def test_mdb_skips_missing_source(fake_sources: None, tmp_path: Path) -> None:
+def test_multidomain_skips_missing_source(fake_sources: None, tmp_path: Path) -> None:
     messages: list[str] = []
-    card, _ = mdb.build_mdb(
+    card, _ = multidomain.build_multidomain(
         tmp_path / "m", sources=["fashion", "mnist", "glyphs", "emoji"], max_per_class=5, log=messages.append
     )
     assert list(card["tasks"]) == ["mnist", "glyphs", "emoji"]
@@ -58,11 +58,11 @@ def test_mdb_skips_missing_source(fake_sources: None, tmp_path: Path) -> None:
     assert card["tasks"]["mnist"]["counts"] == {"train": 50, "val": 20}
 
 
-def test_mdb_needs_one_source(fake_sources: None, tmp_path: Path) -> None:
+def test_multidomain_needs_one_source(fake_sources: None, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="every source is unavailable"):
-        mdb.build_mdb(tmp_path / "m", sources=["fashion"], log=lambda _m: None)
+        multidomain.build_multidomain(tmp_path / "m", sources=["fashion"], log=lambda _m: None)
     with pytest.raises(UserError, match="at least one source"):
-        mdb.build_mdb(tmp_path / "m", sources=[], log=lambda _m: None)
+        multidomain.build_multidomain(tmp_path / "m", sources=[], log=lambda _m: None)
     assert not (tmp_path / "m").exists()
 
 
@@ -106,7 +106,7 @@ def _tree(root: Path, task: str, split: str) -> dict[str, str]:
 
 def test_control_same_images_different_labels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sources.LOADERS, "fashion", lambda: _fake("fashion", 10, 10))
-    card, _ = mdb.build_control(tmp_path / "c", max_per_class=4, log=lambda _m: None)
+    card, _ = multidomain.build_control(tmp_path / "c", max_per_class=4, log=lambda _m: None)
     assert card["base"] == "fashion" and list(card["tasks"]) == ["fine", "coarse", "pairs"]
     assert [card["tasks"][t]["num_classes"] for t in ("fine", "coarse", "pairs")] == [10, 4, 5]
     for split in ("train", "val"):
@@ -123,7 +123,7 @@ def test_control_same_images_different_labels(monkeypatch: pytest.MonkeyPatch, t
 def test_control_falls_back_to_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sources.LOADERS, "fashion", _missing)
     monkeypatch.setitem(sources.LOADERS, "mnist", lambda: _fake("mnist", 10, 10))
-    card, _ = mdb.build_control(tmp_path / "c", max_per_class=2, log=lambda _m: None)
+    card, _ = multidomain.build_control(tmp_path / "c", max_per_class=2, log=lambda _m: None)
     assert card["base"] == "mnist" and "fashion" in card["skipped"]
     assert sorted(p.name for p in (tmp_path / "c" / "coarse" / "train").iterdir()) == ["even", "odd"]
     assert (
@@ -140,7 +140,7 @@ def test_real_debian_sources_small(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from training import render_sources
 
     monkeypatch.setitem(sources.LOADERS, "glyphs", lambda: render_sources.load_glyphs(max_fonts=6))
-    card, _ = mdb.build_mdb(
+    card, _ = multidomain.build_multidomain(
         tmp_path / "m", sources=["fashion", "glyphs", "digits"], max_per_class=3, size=24, log=print
     )
     assert card["skipped"] == {}

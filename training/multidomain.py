@@ -20,7 +20,7 @@ MDB_DESCRIPTION = (
 )
 
 
-def build_mdb(
+def build_multidomain(
     out: Path,
     *,
     sources: Sequence[str] = MDB_SOURCES,
