@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from models.accounting import Accounting, account, closest_cut
+from contract.accounting import Accounting, account, closest_cut
+from contract.plan import HEAD, SegmentPlan, group_rows, parse_plan
 from models.backbone import Head, Unit, create_backbone, split_model
-from models.plan import HEAD, SegmentPlan, group_rows, parse_plan
 
 
 def run_grouped(x: torch.Tensor, row_keys: Sequence[str], run, out_width: int | None = None) -> torch.Tensor:

@@ -35,8 +35,8 @@ def child(
     shared: bool = True,
 ) -> int:
     """Build and warm the engine with the given session options; return this process's RSS."""
+    from contract.bundle import load_bundle
     from service.bench.server import rss_bytes
-    from service.bundle import load_bundle
     from service.engine import OrtEngine
 
     class Engine(OrtEngine):

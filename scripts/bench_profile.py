@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contract.bundle import load_bundle
 from service.bench import loadgen, payloads, server
-from service.bundle import load_bundle
 
 
 def summarize(raw: Path, top: int = 25) -> str:

@@ -1,13 +1,18 @@
-"""Service throughput over raw onnxruntime throughput, and latency at several concurrencies.
+"""Service throughput over raw engine throughput, and ``/predict`` latency at several concurrencies.
 
-1. raw: the bundle's sessions chained by hand (stems on their rows, one trunk call, heads), batch
-   of ``--batch-size`` rows mixing every task, same thread settings as the server: rows/s.
-2. service: ``mtserve serve`` in a subprocess with ``--max-batch-size`` = that batch size; clients
-   keep ``--concurrency`` requests in flight on ``/v2/models/{task}/infer`` with an FP32 tensor
-   (Triton binary tensor extension, or JSON with ``--encoding json``), tasks round-robin: rows/s.
-   ratio = service / raw (target >= 0.9).
-3. ``POST /predict/{task}`` with a PNG image, tasks mixed, at concurrency 1, 8, 32: requests/s,
-   p50, p99; and from /metrics, the share of shared-trunk batches that mixed tasks.
+1. raw: the bundle run by ``service.engine.OrtEngine`` (the server's own runner: no HTTP, no queue) on
+   batches of ``--batch-size`` rows mixing every task, in this process while the server idles: rows/s
+   and CPU ms per row.
+2. service: ``mtserve serve`` with ``--max-batch-size`` = that batch size; closed-loop clients keep
+   ``--concurrency`` requests in flight on ``/v2/models/{task}/infer`` with an FP32 tensor (Triton
+   binary tensor extension, or JSON with ``--encoding json``), tasks mixed uniformly: rows/s and the
+   server's CPU ms per row. ratio = service / raw (target >= 0.9); cpu_ratio the same per CPU-second.
+   Raw and service runs alternate ``--repeat`` times, so load from elsewhere hits both.
+3. ``POST /predict/{task}`` with a JPEG, tasks mixed, at concurrency 1, 8, 32: requests/s, p50, p99;
+   from /metrics, the share of shared-trunk batches that mixed tasks.
+
+A thin driver over ``service/bench`` (engine_bench, loadgen, payloads, server); ``mtserve bench
+overhead`` is the P1 figure of the same comparison.
 
     .venv/bin/python scripts/bench_service_ratio.py bundles/demo --threads 2 --batch-size 32
 """
@@ -15,209 +20,91 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
 import json
 import os
-import re
-import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.bench.server import free_port  # noqa: E402
-from service.bundle import load_bundle  # noqa: E402
-
-
-# -- 1. raw onnxruntime ---------------------------------------------------------------------------
-def raw_runner(bundle_dir: str, batch: int, threads: int):
-    """A function ``measure(seconds) -> (rows/s, CPU s/row)`` over sessions created once."""
-    import onnxruntime as ort
-
-    b = load_bundle(bundle_dir)
-    m = b.manifest
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = {
-        (s.name, v): ort.InferenceSession(str(b.path(s.name, v)), so, providers=["CPUExecutionProvider"])
-        for s in m.segments
-        for v in s.variants
-    }
-    tasks = sorted((list(m.tasks) * batch)[:batch])  # rows of one task contiguous
-    x = np.random.default_rng(0).normal(size=(batch, *m.input.size)).astype(np.float32)
-
-    def once() -> None:
-        cur = x
-        for i, seg in enumerate(m.segments):
-            spans: dict[str, list[int]] = {}
-            for r, t in enumerate(tasks):
-                spans.setdefault(m.variant_of(t, seg.name), []).append(r)
-            outs = []
-            for vid, rows in spans.items():
-                s = sess[(seg.name, vid)]
-                outs.append(s.run(None, {s.get_inputs()[0].name: cur[rows[0] : rows[-1] + 1]})[0])
-            if i < len(m.segments) - 1:
-                cur = outs[0] if len(outs) == 1 else np.concatenate(outs)
-
-    def measure(seconds: float) -> tuple[float, float]:
-        """(rows/s, CPU seconds per row, all threads of this process)."""
-        for _ in range(3):
-            once()
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - t0 < seconds:
-            once()
-            n += batch
-        return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
-
-    return measure
+from contract.bundle import load_bundle
+from service.bench import loadgen, payloads, server
+from service.bench.engine_bench import make_engine, time_batches
 
 
-# -- a small keep-alive HTTP/1.1 load generator (cheap per request, unlike a full client) -----------
-def http_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return head.encode() + b"\r\n" + body
+def raw_run(engine, tasks: list[str], batch: int, seconds: float) -> tuple[float, float]:
+    """(rows/s, CPU seconds per row of this process) of the engine on mixed batches."""
+    c0 = time.process_time()
+    rate, calls = time_batches(engine, tasks, batch, seconds)
+    return rate, (time.process_time() - c0) / (batch * (len(calls) + 1))  # + its untimed first call
 
 
-async def load(port: int, requests: list[bytes], concurrency: int, seconds: float, warmup: float = 1.0):
-    """Keep ``concurrency`` requests in flight for ``warmup + seconds``; return (count, latencies,
-    codes, count including the warm-up)."""
-    start = time.perf_counter()
-    t_begin, t_end = start + warmup, start + warmup + seconds
-    lat: list[float] = []
-    codes: Counter = Counter()
-    total = [0]
-    clen = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
-
-    async def worker(k: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        i = k
-        while (now := time.perf_counter()) < t_end:
-            writer.write(requests[i % len(requests)])
-            i += concurrency
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(clen.search(head).group(1)))
-            done = time.perf_counter()
-            total[0] += 1
-            if now >= t_begin:
-                lat.append(done - now)
-                codes[int(head[9:12])] += 1
-        writer.close()
-
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return len(lat), np.asarray(lat), codes, total[0]
+def service_run(port: int, pid: int, reqs: dict[str, bytes], clients: int, seconds: float) -> tuple:
+    """(load summary, server CPU seconds per request, batch statistics) of a closed-loop run."""
+    workers = [loadgen.task_mix(list(reqs), "uniform")] * clients
+    loadgen.run(loadgen.closed_loop(port, reqs, workers, 1.0, 0.0))  # warm-up, not counted
+    before, cpu0, t0 = server.scrape_batches(port), server.cpu_seconds(pid), time.perf_counter()
+    res = loadgen.run(loadgen.closed_loop(port, reqs, workers, seconds, 0.0))
+    wall, s = time.perf_counter() - t0, res.summary()
+    cpu = (server.cpu_seconds(pid) - cpu0) / max(s["requests"], 1)
+    return s, cpu, server.batch_delta(before, server.scrape_batches(port), wall)
 
 
-# -- the server --------------------------------------------------------------------------------------
-def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        args.bundle,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--threads", str(args.threads), "--max-batch-size", str(args.batch_size)]
-    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--queue-size", "100000", "--log-level", "warning"]
-    cmd += ["--batching", args.batching]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    import urllib.request
-
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server never became ready")
+def _ok(summary: dict) -> int:
+    return sum(n for code, n in summary["codes"].items() if code.startswith("2"))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def scrape(port: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search("^" + re.escape(name) + r" (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def batch_stats(before: str, after: str, seconds: float) -> dict:
-    def d(name: str) -> float:
-        return metric(after, name) - metric(before, name)
-
-    busy = sum(
-        float(v) - metric(before, k)
-        for k, v in re.findall(r"^(mtserve_segment_duration_seconds_sum\{[^}]*\}) (\S+)$", after, re.M)
-    )
-
-    batches = d("mtserve_batch_tasks_count")
-    mixed = batches - d('mtserve_batch_tasks_bucket{le="1.0"}')
-    trunk = 'segment="trunk"'
-    rows = d(f"mtserve_batch_size_sum{{{trunk}}}")
-    calls = d(f"mtserve_batch_size_count{{{trunk}}}")
-    return {
-        "shared_batches": int(batches),
-        "mixed_share": round(mixed / batches, 3) if batches else 0.0,
-        "mean_tasks_per_batch": round(d("mtserve_batch_tasks_sum") / batches, 2) if batches else 0.0,
-        "mean_trunk_batch": round(rows / calls, 1) if calls else 0.0,
-        "engine_busy_share": round(busy / seconds, 3),  # wall time inside onnxruntime (incl. warm-up)
-    }
-
-
-def tensor_requests(manifest, rows: int, encoding: str) -> list[bytes]:
-    out = []
-    for k, task in enumerate(manifest.tasks):
-        x = np.random.default_rng(k).normal(size=(rows, *manifest.input.size)).astype("<f4")
-        outputs = [{"name": "probabilities", "parameters": {"classification": 1}}]
-        inp = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
-        path = f"/v2/models/{task}/infer"
-        if encoding == "binary":
-            header = json.dumps(
-                {"inputs": [inp | {"parameters": {"binary_data_size": x.nbytes}}], "outputs": outputs}
+def ratio_runs(args, manifest, port: int, pid: int) -> dict:
+    tasks, rows = list(manifest.tasks), args.rows_per_request
+    clients = args.concurrency or max(1, 2 * args.batch_size // rows)
+    reqs = payloads.tensor_requests(manifest, tasks, rows, args.encoding)
+    engine = None if args.skip_raw else make_engine(args.bundle, args.threads)
+    runs = []
+    try:
+        for _ in range(args.repeat):
+            raw, raw_cpu = raw_run(engine, tasks, args.batch_size, args.seconds) if engine else (None, None)
+            s, cpu, batches = service_run(port, pid, reqs, clients, args.seconds)
+            svc, svc_cpu = _ok(s) * rows / args.seconds, cpu / rows
+            runs.append(
+                {
+                    "raw_rows_per_s": round(raw, 1) if raw else None,
+                    "service_rows_per_s": round(svc, 1),
+                    "ratio": round(svc / raw, 3) if raw else None,
+                    "raw_cpu_ms_per_row": round(raw_cpu * 1e3, 3) if raw_cpu else None,
+                    "service_cpu_ms_per_row": round(svc_cpu * 1e3, 3),
+                    "cpu_ratio": round(raw_cpu / svc_cpu, 3) if raw_cpu else None,
+                    **{k: s[k] for k in ("p50_ms", "p99_ms", "codes")},
+                    **batches,
+                }
             )
-            hdr = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": len(header)}
-            out.append(http_request(path, header.encode() + x.tobytes(), hdr))
-        else:
-            body = json.dumps({"inputs": [inp | {"data": x.ravel().tolist()}], "outputs": outputs}).encode()
-            out.append(http_request(path, body, {"Content-Type": "application/json"}))
+            print(json.dumps(runs[-1]), flush=True)
+    finally:
+        if engine:
+            engine.stop()
+    route = f"/v2/models/{{task}}/infer FP32 ({args.encoding})"
+    out = {"service": {"route": route, "concurrency": clients, "rows_per_request": rows, "runs": runs}}
+    if engine:
+        out["ratio_median"] = float(np.median([r["ratio"] for r in runs]))
+        out["cpu_ratio_median"] = float(np.median([r["cpu_ratio"] for r in runs]))
+        print(f"ratio (median of {len(runs)}): {out['ratio_median']}, CPU: {out['cpu_ratio_median']}")
     return out
 
 
-def image_requests(manifest) -> list[bytes]:
-    from PIL import Image
-
-    _, h, w = manifest.input.size
-    out = []
-    for k, task in enumerate(manifest.tasks):
-        buf = io.BytesIO()
-        rng = np.random.default_rng(k)
-        Image.fromarray(rng.integers(0, 255, (h + 8, w + 8, 3), dtype=np.uint8)).save(buf, "PNG")
-        out.append(http_request(f"/predict/{task}?top_k=1", buf.getvalue(), {"Content-Type": "image/png"}))
-    return out
+def predict_runs(args, manifest, port: int, pid: int) -> list[dict]:
+    reqs = payloads.jpeg_requests(manifest, list(manifest.tasks))
+    rows = []
+    for clients in [int(v) for v in args.latency.split(",") if v]:
+        s, _, batches = service_run(port, pid, reqs, clients, args.seconds)
+        rows.append(
+            {"concurrency": clients, "requests_per_s": round(_ok(s) / args.seconds, 1)}
+            | {k: s[k] for k in ("p50_ms", "p99_ms", "codes")}
+            | batches
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -236,73 +123,16 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="raw and service runs, alternating")
     p.add_argument("--json-out")
     args = p.parse_args()
-    manifest = load_bundle(args.bundle, verify_sha256=False).manifest
-    result: dict = {"bundle": f"{manifest.name} {manifest.version} ({manifest.backbone}, {manifest.plan})"}
+    m = load_bundle(args.bundle, verify_sha256=False).manifest
+    result: dict = {"bundle": f"{m.name} {m.version} ({m.backbone}, {m.plan})"}
     result |= {"batch_size": args.batch_size, "threads": args.threads, "cpus": len(os.sched_getaffinity(0))}
-
-    port = free_port()
-    proc = start_server(args, port)  # idle while the raw runs: they alternate, so noise hits both
-    raw = None if args.skip_raw else raw_runner(args.bundle, args.batch_size, args.threads)
-    try:
-        conc = args.concurrency or max(1, 2 * args.batch_size // args.rows_per_request)
-        reqs = tensor_requests(manifest, args.rows_per_request, args.encoding)
-        runs = []
-        for _ in range(args.repeat):
-            raw_rate, raw_cpu = raw(args.seconds) if raw else (None, None)
-            before, cpu0 = scrape(port), cpu_seconds(proc.pid)
-            n, lat, codes, total = asyncio.run(load(port, reqs, conc, args.seconds))
-            svc_cpu = (cpu_seconds(proc.pid) - cpu0) / (total * args.rows_per_request)
-            svc = n * args.rows_per_request / args.seconds
-            run = {
-                "raw_rows_per_s": round(raw_rate, 1) if raw_rate else None,
-                "service_rows_per_s": round(svc, 1),
-                "ratio": round(svc / raw_rate, 3) if raw_rate else None,
-                # CPU-normalised: rows per CPU-second, server process vs raw (immune to other load)
-                "raw_cpu_ms_per_row": round(raw_cpu * 1e3, 3) if raw_cpu else None,
-                "service_cpu_ms_per_row": round(svc_cpu * 1e3, 3),
-                "cpu_ratio": round(raw_cpu / svc_cpu, 3) if raw_cpu else None,
-                "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
-                "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2),
-                "codes": dict(codes),
-                **batch_stats(before, scrape(port), args.seconds + 1),
-            }
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-        result["service"] = {
-            "route": f"/v2/models/{{task}}/infer FP32 ({args.encoding})",
-            "concurrency": conc,
-            "rows_per_request": args.rows_per_request,
-            "runs": runs,
-        }
-        if raw:
-            result["ratio_median"] = float(np.median([r["ratio"] for r in runs]))
-            result["cpu_ratio_median"] = float(np.median([r["cpu_ratio"] for r in runs]))
-            print(
-                f"ratio (median of {len(runs)}): {result['ratio_median']}, "
-                f"CPU-normalised: {result['cpu_ratio_median']}",
-                flush=True,
-            )
-
-        result["predict"] = []
-        for c in [int(v) for v in args.latency.split(",") if v]:
-            before = scrape(port)
-            n, lat, codes, _ = asyncio.run(load(port, image_requests(manifest), c, args.seconds))
-            row = {
-                "concurrency": c,
-                "requests_per_s": round(n / args.seconds, 1),
-                "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
-                "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2),
-                "codes": dict(codes),
-                **batch_stats(before, scrape(port), args.seconds + 1),
-            }
-            result["predict"].append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    print(json.dumps(result, indent=2))
+    extra = ["--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    with server.mtserve(args.bundle, args.threads, [*extra, "--batching", args.batching]) as (port, proc):
+        result |= ratio_runs(args, m, port, proc.pid)
+        result["predict"] = predict_runs(args, m, port, proc.pid)
+    print(server.dump(result))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json_out).write_text(server.dump(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
+from contract.errors import InvalidInput, Unauthorized
 from service.api import svc
-from service.errors import InvalidInput, Unauthorized
 from service.schemas import AdminModel, ErrorResponse, ReloadRequest, ReloadResult
 
 log = logging.getLogger("mtserve")

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.routing import Route
 
+from contract.bundle import load_bundle
 from service import admin, api, errors, v2
-from service.bundle import load_bundle
 from service.edge import Edge
 from service.engine import Engine, OrtEngine
 from service.runtime import Service

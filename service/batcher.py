@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.plan import group_rows
+from contract.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
+from contract.plan import group_rows
 from service.engine import Engine, SegmentRun
-from service.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
 
 log = logging.getLogger("mtserve.batcher")
 

@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from contract.errors import UserError
+
 # name -> (module, help). Each module exposes add_arguments(parser) and run(args) -> int,
 # and must import neither torch nor timm at import time.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -17,12 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("training.data_cli", "build offline data sets (demo, mdb)"),
     "train": ("training.train_cli", "train a multi-task model from a YAML config"),
     "export": ("training.export_cli", "export a training run to a verified ONNX bundle"),
+    "quantize": ("training.quantize_cli", "int8 (CPU) / fp16 (GPU) copy of a bundle, accuracy checked"),
     "experiment": ("training.experiment_cli", "run the paper's plan comparison"),
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

@@ -30,7 +30,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from service.errors import STATUS, DeadlineExceeded, PayloadTooLarge, QueueFull, send_error
+from contract.errors import DeadlineExceeded, PayloadTooLarge, QueueFull
+from service.errors import STATUS, send_error
 from service.metrics import task_of
 
 if TYPE_CHECKING:

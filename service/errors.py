@@ -1,6 +1,6 @@
-"""Errors the service can answer with, and the ONE table mapping them to HTTP status codes.
+"""The ONE table mapping error types (:mod:`contract.errors`, which know no HTTP) to HTTP statuses.
 
-Routes never catch: they raise these, and the handlers installed by :func:`install` answer
+Routes never catch: they raise those types, and the handlers installed by :func:`install` answer
 ``{"error": {"code": ..., "message": ...}}``.
 """
 
@@ -14,69 +14,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.errors import (
+    BundleError,
+    ClientClosed,
+    Conflict,
+    DeadlineExceeded,
+    Forbidden,
+    IncompatibleBundle,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+    Unauthorized,
+    UnknownTask,
+    UnsupportedMediaType,
+)
+
 log = logging.getLogger("mtserve")
-
-
-class ServiceError(Exception):
-    """Base class: an answer to the client, not a bug."""
-
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
-
-
-class UnknownTask(ServiceError):
-    pass
-
-
-class UnsupportedMediaType(ServiceError):
-    pass
-
-
-class InvalidInput(ServiceError):
-    """Undecodable image, malformed JSON or tensor, bad parameter."""
-
-
-class PayloadTooLarge(ServiceError):
-    """Body, pixel count or image count over its limit."""
-
-
-class QueueFull(ServiceError):
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, {"Retry-After": str(retry_after_s)})
-
-
-class DeadlineExceeded(ServiceError):
-    pass
-
-
-class NotReady(ServiceError):
-    pass
-
-
-class ClientClosed(ServiceError):
-    """The client went away before its answer was ready (nobody reads the response)."""
-
-
-class BundleError(ValueError):
-    """A bundle that must not be served; the message names the file and the field."""
-
-
-class Unauthorized(ServiceError):
-    """Admin route without the right bearer token (answered with ``WWW-Authenticate``)."""
-
-
-class Forbidden(ServiceError):
-    """Admin request for something outside what it may touch (a path outside the model directory)."""
-
-
-class Conflict(ServiceError):
-    """The request conflicts with the server's state (a reload already in progress)."""
-
-
-class IncompatibleBundle(ServiceError):
-    """A valid bundle that cannot replace the one served; the message names the field."""
 
 
 # exception type -> (HTTP status, error code). The first matching class (in MRO order) wins.

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from contract.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import PredictJSON
 
 RAW_TYPES = ("image/", "application/octet-stream")

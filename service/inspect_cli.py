@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from service.manifest import MANIFEST_FILE, Manifest
+from contract.manifest import MANIFEST_FILE, Manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

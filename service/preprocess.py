@@ -18,9 +18,9 @@ from concurrent.futures import Executor
 import numpy as np
 from PIL import Image
 
-from service.errors import InvalidInput, PayloadTooLarge
-from service.images import to_rgb
-from service.manifest import InputSpec
+from contract.errors import InvalidInput, PayloadTooLarge
+from contract.images import to_rgb
+from contract.manifest import InputSpec
 
 # the image formats a request may use: the common web/camera formats. Pillow opens some 40 more
 # (EPS runs Ghostscript; PSD, FITS, ICNS, ... are rarely fuzzed parsers): not from the network

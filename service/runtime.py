@@ -22,10 +22,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request
 
-from service.batcher import Batcher
-from service.edge import DEADLINE, LoopLag
-from service.engine import Engine
-from service.errors import (
+from contract.errors import (
     BundleError,
     Conflict,
     DeadlineExceeded,
@@ -35,7 +32,10 @@ from service.errors import (
     ServiceError,
     UnknownTask,
 )
-from service.manifest import Manifest, TaskSpec
+from contract.manifest import Manifest, TaskSpec
+from service.batcher import Batcher
+from service.edge import DEADLINE, LoopLag
+from service.engine import Engine
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
 from service.settings import Settings

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from contract.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
 from service.api import ERRORS, svc
-from service.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
 from service.inputs import b64decode
 from service.runtime import Service, top_indices
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.plan import group_rows
+from contract.manifest import Manifest
+from contract.plan import group_rows
 from service.engine import Call, SegmentRun
-from service.manifest import Manifest
 
 TASKS = {"digits": 10, "animals": 10, "shapes": 4}
 SIZE = (3, 32, 32)

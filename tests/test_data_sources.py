@@ -114,7 +114,7 @@ def test_missing_python_package_names_the_install_command() -> None:
 
 
 def test_unknown_source_is_a_user_error() -> None:
-    from service.cli import UserError
+    from contract.errors import UserError
 
     with pytest.raises(UserError, match="unknown source"):
         sources.load("nope")

@@ -51,8 +51,8 @@ def test_client_that_disconnects_is_never_computed(server, tiny_bundle):
     """A request whose client leaves while it is queued (behind a busy engine: an idle one would
     take it at once) is answered 499 and never computed: the trunk computes exactly the rows of
     the other requests."""
+    from contract.bundle import load_bundle
     from service.bench import payloads
-    from service.bundle import load_bundle
 
     _, url = server
     port = int(url.rsplit(":", 1)[1])

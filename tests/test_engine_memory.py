@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 def test_engines_sharing_one_arena_answer_like_engines_with_their_own(tiny_bundle):
     """Two engines in one process (a bundle and its reload) share the arena; both answer exactly what
     an engine with per-session arenas answers, at several batch sizes and task mixes."""
-    from service.bundle import load_bundle
+    from contract.bundle import load_bundle
     from service.engine import OrtEngine
 
     bundle = load_bundle(tiny_bundle)

@@ -13,9 +13,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import TINY_TASKS, build_tiny_bundle  # noqa: E402
 
+from contract.manifest import Manifest  # noqa: E402
 from models.network import MultiTaskNet  # noqa: E402
 from service.cli import main  # noqa: E402
-from service.manifest import Manifest  # noqa: E402
 
 
 def test_manifest_describes_every_file_with_its_hash(tiny_bundle):

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
+from contract.bundle import load_bundle
 from tests.serving import png, serve
 
 ort = pytest.importorskip("onnxruntime")

@@ -779,7 +779,7 @@ def test_extreme_aspect_ratio_resamples_only_the_crop_and_stays_close_to_the_ful
     """A 1x900000 image within the pixel limit once built a 32 x 28.8M intermediate (2.7 GB, 30 s)
     to crop 32x32 from it: no resize may now output more than MAX_RESIZE_FACTOR crops' pixels, and
     the result stays within a few levels of resize-whole-then-crop (smooth images)."""
-    from service.manifest import InputSpec
+    from contract.manifest import InputSpec
     from service.preprocess import MAX_RESIZE_FACTOR, RESAMPLE, _center_crop, _resize_size, transform
 
     outputs: list[tuple[int, int]] = []

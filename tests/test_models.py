@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.plan import PlanError, group_rows, parse_plan
+from contract.plan import PlanError, group_rows, parse_plan
 
 UNITS = ["stem", "b1", "b2", "b3", "b4"]
 TASKS = ["a", "b", "c"]
@@ -71,7 +71,7 @@ def test_group_rows_keeps_first_appearance_order():
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from models.accounting import account, closest_cut  # noqa: E402
+from contract.accounting import account, closest_cut  # noqa: E402
 from models.backbone import BackboneError, body_units, create_backbone  # noqa: E402
 from models.network import MultiTaskNet  # noqa: E402
 

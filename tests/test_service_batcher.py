@@ -9,8 +9,8 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
+from contract.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
 from service.batcher import Batcher, Job, collect
-from service.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
 from tests.fakes import FakeEngine
 
 TASKS = ["digits", "animals", "shapes"]

@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
+from contract.errors import PayloadTooLarge
 from service.app import create_app
 from service.edge import DEADLINE, LAG_FLOOR_S, LAG_FRACTION, Edge, LoopLag
-from service.errors import PayloadTooLarge
 from service.metrics import Metrics
 from service.runtime import top_indices
 from service.settings import Settings

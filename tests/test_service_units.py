@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.bundle import load_bundle
-from service.errors import BundleError
-from service.manifest import InputSpec
+from contract.bundle import load_bundle
+from contract.errors import BundleError
+from contract.manifest import InputSpec
 from service.preprocess import transform
 from service.serve_cli import add_arguments, settings_from
 from tests.fakes import fake_manifest
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_service_never_imports_torch():
     code = (
         "import sys; import service.app, service.serve_cli, service.engine, service.batcher, "
-        "service.bundle, service.preprocess, service.metrics, service.v2, service.cli; "
+        "contract.bundle, service.preprocess, service.metrics, service.v2, service.cli; "
         "service.cli.build_parser(); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')); "
         "assert not bad, bad"
@@ -242,7 +242,7 @@ def test_serve_exits_1_when_onnxruntime_cannot_load_a_file(tmp_path):
 
 
 def test_decode_guard_against_huge_images():
-    from service.errors import PayloadTooLarge
+    from contract.errors import PayloadTooLarge
     from service.preprocess import decode
 
     buf = io.BytesIO()

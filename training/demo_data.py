@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.cli import UserError
+from contract.errors import UserError
 from training.sources import Source, load
 
 BUILDER_VERSION = 1

@@ -57,9 +57,9 @@ def choose_plans(
     allows), then the bottom:K' closest to that top:K's *actual* proportion. ``bottom_levels`` are
     levels no top:K can reach (a CNN's last block is its largest): bottom:K' alone, unmatched.
     """
-    from models.accounting import account, closest_cut
+    from contract.accounting import account, closest_cut
+    from contract.plan import parse_plan
     from models.network import MultiTaskNet
-    from models.plan import parse_plan
 
     net = MultiTaskNet(backbone, dict(tasks), "shared", **dict(timm_kwargs))
     names, units = net.task_names, [u.name for u in net.units]
@@ -67,7 +67,7 @@ def choose_plans(
 
     def spec(kind: str, plan: str, level: float | None) -> PlanSpec:
         acc = account(parse_plan(plan, names, units), up, hp)
-        return PlanSpec(kind, plan, acc.proportion, level, acc.as_dict())
+        return PlanSpec(kind, plan, acc.proportion, level, acc.model_dump())
 
     out = [spec("shared", "shared", None)]
     if levels is None:

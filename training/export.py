@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -20,9 +19,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from contract.bundle import sha256_file
+from contract.manifest import InputSpec, Manifest, SegmentSpec, TaskSpec, VariantSpec
+from contract.plan import HEAD
 from models.network import MultiTaskNet
-from models.plan import HEAD
-from service.manifest import Accounting, InputSpec, Manifest, SegmentSpec, TaskSpec, VariantSpec
 
 PARITY_BATCHES = (1, 3, 16)
 PARITY_TOLERANCE = 1e-4
@@ -31,14 +31,6 @@ OPSET = 18
 
 class ExportError(RuntimeError):
     """An exported file failed its check."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _quiet():
@@ -168,7 +160,7 @@ def export_network(
             for t in net.task_names
         },
         parity=parity,
-        accounting=Accounting(**acc.as_dict()),
+        accounting=acc,
     )
     manifest.write(out)
     return manifest
@@ -195,8 +187,8 @@ def export_run(
     name: str | None = None,
     log=print,
 ) -> Manifest:
-    """Export a training run directory (see training/checkpoint.py) into a bundle."""
-    from training.checkpoint import load_run
+    """Export a training run directory (see training/run_files.py) into a bundle."""
+    from training.run_files import load_run
 
     run_dir = Path(run_dir)
     net, info = load_run(run_dir, which=which)

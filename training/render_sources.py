@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.sources import INSTALL_HINT, Source, SourceUnavailable
+from training.source_types import INSTALL_HINT, Source, SourceUnavailable
 
 RENDER = 64
 GLYPHS = tuple(string.ascii_uppercase + string.digits)

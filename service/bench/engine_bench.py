@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import load_bundle
+from contract.bundle import load_bundle
 from service.engine import OrtEngine
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.bundle import load_bundle
 from service.bench import loadgen, payloads, server
-from service.bundle import load_bundle
 
 
 @dataclass
@@ -192,15 +191,8 @@ def serve(bundle: str | Path, args: list[str], row_ms: float = 0.0) -> Iterator[
     port = server.free_port()
     cmd = [sys.executable, "-m", "service.bench.slow_serve", "--row-ms", str(row_ms), str(bundle)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(server.ROOT), os.environ.get("PYTHONPATH")]))
-    }
-    proc = subprocess.Popen(cmd, cwd=server.ROOT, env=env)
-    try:
-        server.wait_ready(proc, port, "/readyz", 300)
+    with server.running(cmd, port) as proc:
         yield port, proc
-    finally:
-        server.stop(proc)
 
 
 def overload(

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
+from contract.manifest import Manifest
 from service.bench.loadgen import http_post
-from service.manifest import Manifest
 
 
 def image(manifest: Manifest, seed: int, scale: float = 1.15) -> bytes:
@@ -48,18 +48,24 @@ def json_requests(manifest: Manifest, tasks: list[str], litserve: bool = False) 
     return out
 
 
-def tensor_requests(manifest: Manifest, tasks: list[str], rows: int = 1) -> dict[str, bytes]:
-    """``POST /v2/models/{task}/infer``: preprocessed FP32 rows (Triton binary tensor extension), top-1."""
+def tensor_requests(
+    manifest: Manifest, tasks: list[str], rows: int = 1, encoding: str = "binary"
+) -> dict[str, bytes]:
+    """``POST /v2/models/{task}/infer``: preprocessed FP32 rows, top-1; ``binary``: the Triton binary
+    tensor extension, ``json``: the tensor as a JSON list."""
     out = {}
     for k, t in enumerate(tasks):
         x = np.random.default_rng(k).normal(size=(rows, *manifest.input.size)).astype("<f4")
         inp = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+        outputs = [{"name": "probabilities", "parameters": {"classification": 1}}]
+        path = f"/v2/models/{t}/infer"
+        if encoding == "json":
+            body = json.dumps({"inputs": [inp | {"data": x.ravel().tolist()}], "outputs": outputs}).encode()
+            out[t] = http_post(path, body, "application/json")
+            continue
         header = json.dumps(
-            {
-                "inputs": [inp | {"parameters": {"binary_data_size": x.nbytes}}],
-                "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
-            }
+            {"inputs": [inp | {"parameters": {"binary_data_size": x.nbytes}}], "outputs": outputs}
         ).encode()
         extra = {"Inference-Header-Content-Length": str(len(header))}
-        out[t] = http_post(f"/v2/models/{t}/infer", header + x.tobytes(), "application/octet-stream", extra)
+        out[t] = http_post(path, header + x.tobytes(), "application/octet-stream", extra)
     return out

@@ -29,7 +29,7 @@ class OnnxChainAPI(_Base):
         self.bundle, self.threads, self.warm = bundle, threads, max_batch_size
 
     def setup(self, device) -> None:
-        from service.bundle import load_bundle
+        from contract.bundle import load_bundle
         from service.engine import OrtEngine
 
         self.engine = OrtEngine(

@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from contract.accounting import Accounting
+from contract.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -34,10 +37,16 @@ class InputSpec(_Frozen):
     crop_mode: str = "center"
 
 
+# Numeric precision of one ONNX file: "fp32" as exported; "int8" (onnxruntime static quantization,
+# QDQ) and "fp16" (float16 weights and compute, float32 inputs/outputs) as `mtserve quantize` writes.
+Precision = Literal["fp32", "fp16", "int8"]
+
+
 class VariantSpec(_Frozen):
     file: str  # relative to the bundle root, e.g. segments/stem/taskA.onnx
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     params: int = Field(ge=0)
+    precision: Precision = "fp32"  # absent in bundles written before reduced precision: fp32
 
 
 class SegmentSpec(_Frozen):
@@ -58,12 +67,27 @@ class TaskSpec(_Frozen):
     variants: dict[str, str]  # segment name -> variant id
 
 
-class Accounting(_Frozen):
-    total_params: int
-    task_specific_params: int
-    proportion: float
-    bytes_held: int
-    bytes_independent: int
+class TaskAccuracy(_Frozen):
+    """One task's top-1 on its validation images: the fp32 bundle vs the reduced one (percent)."""
+
+    images: int = Field(ge=1)
+    top1_fp32: float
+    top1_reduced: float
+    drop: float  # top1_fp32 - top1_reduced, in points (negative: the reduced bundle did better)
+    agreement: float  # percent of images whose top-1 class is the same in both bundles
+
+
+class ReducedPrecision(_Frozen):
+    """How a reduced-precision bundle was made from its fp32 source, and what it measured."""
+
+    precision: Literal["fp16", "int8"]
+    source: str  # the fp32 bundle: "name vversion (manifest sha256 ...)"
+    method: dict[str, str | int | float | bool | list[str]] = Field(default_factory=dict)
+    eval_split: str = "val"
+    eval_provider: str = "CPUExecutionProvider"
+    max_accuracy_drop: float
+    tasks: dict[str, TaskAccuracy]
+    max_abs_diff: dict[str, float] = Field(default_factory=dict)  # segment -> max |reduced - fp32|
 
 
 class Manifest(_Frozen):
@@ -78,6 +102,7 @@ class Manifest(_Frozen):
     tasks: dict[str, TaskSpec] = Field(min_length=1)
     parity: dict[str, float] = Field(default_factory=dict)  # segment -> max |onnx - torch|
     accounting: Accounting | None = None
+    reduced_precision: ReducedPrecision | None = None  # set by `mtserve quantize` (docs/precision.md)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -99,12 +124,42 @@ class Manifest(_Frozen):
     def variant_of(self, task: str, segment: str) -> str:
         return self.tasks[task].variants[segment]
 
+    @property
+    def precisions(self) -> set[str]:
+        """The precisions of the bundle's files ({"fp32"} for an exported bundle)."""
+        return {v.precision for s in self.segments for v in s.variants.values()}
+
     @classmethod
     def read(cls, bundle_dir: str | Path) -> Manifest:
-        path = Path(bundle_dir) / MANIFEST_FILE
-        return cls.model_validate(json.loads(path.read_text()))
+        """The manifest of a bundle directory (:func:`read_manifest`)."""
+        return read_manifest(Path(bundle_dir))
 
     def write(self, bundle_dir: str | Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_FILE
         path.write_text(self.model_dump_json(indent=2) + "\n")
         return path
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(root)"
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The one reader: a :class:`BundleError` naming the file and the field on any problem."""
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (a bundle holds {MANIFEST_FILE} and segments/)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"field {_loc(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise BundleError(f"{path}: {problems}") from None

@@ -7,23 +7,24 @@ known (and the cut matching a target proportion chosen) without building the net
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 
-from models.plan import HEAD, SegmentPlan, parse_plan
+from pydantic import BaseModel, ConfigDict
+
+from contract.plan import HEAD, SegmentPlan, parse_plan
 
 BYTES_PER_PARAM = 4  # fp32 weights, as exported
 
 
-@dataclass(frozen=True)
-class Accounting:
+class Accounting(BaseModel):
+    """What a plan costs; recorded in the manifest's ``accounting`` field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     total_params: int
     task_specific_params: int
     proportion: float  # task_specific / total
     bytes_held: int  # one multi-task model
     bytes_independent: int  # one model per task
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def segment_params(seg: SegmentPlan, unit_params: Mapping[str, int], head_params: Mapping[str, int]) -> dict:

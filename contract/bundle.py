@@ -1,19 +1,16 @@
 """Load and verify a bundle (DESIGN.md §3): manifest schema, sha256 of every file, shapes that chain.
 
-Every refusal is a :class:`~service.errors.BundleError` whose message names the file and the field.
+Every refusal is a :class:`~contract.errors.BundleError` whose message names the file and the field.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from service.errors import BundleError
-from service.manifest import MANIFEST_FILE, Manifest
+from contract.errors import BundleError
+from contract.manifest import MANIFEST_FILE, Manifest, read_manifest
 
 
 @dataclass(frozen=True)
@@ -36,30 +33,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(root)"
-
-
-def read_manifest(root: Path) -> Manifest:
-    path = root / MANIFEST_FILE
-    if not root.is_dir():
-        raise BundleError(f"{root}: not a bundle directory")
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (a bundle holds {MANIFEST_FILE} and segments/)")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    try:
-        return Manifest.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"field {_loc(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise BundleError(f"{path}: {problems}") from None
 
 
 def check_shapes(manifest: Manifest, where: str = MANIFEST_FILE) -> None:
