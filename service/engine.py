@@ -24,6 +24,7 @@ from models.plan import group_rows
 from service.bundle import Bundle
 from service.errors import BundleError
 from service.manifest import Manifest, SegmentSpec
+from service.precision import check_precision
 
 log = logging.getLogger("mtserve.engine")
 
@@ -174,6 +175,7 @@ class OrtEngine:
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise BundleError(f"{path}: onnxruntime cannot load it ({exc})") from None
                 self._check_io(sess, path, i, seg, vid)
+                check_precision(seg.variants[vid], sess.get_providers(), path)  # fp16: CUDA only
                 self.sessions[(seg.name, vid)] = sess
                 self._io[(seg.name, vid)] = (sess.get_inputs()[0].name, sess.get_outputs()[0].name)
                 provider = sess.get_providers()[0]
