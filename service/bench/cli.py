@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from service.bench import precision as precision_scenario
 from service.bench.context import BenchContext, BenchModel
 from service.settings import available_cpus
 
@@ -30,7 +31,9 @@ DEFAULT_MODELS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "scenario", choices=[*SCENARIOS, "all", "summary"], help="summary: rebuild summary.md from --out"
+        "scenario",
+        choices=[*SCENARIOS, "all", "summary", "precision"],
+        help="summary: rebuild summary.md from --out",
     )
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     p.add_argument("--models", help="comma list of demo,r50 (default: per scenario, see docs/bench.md)")
@@ -47,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p99-demo-ms", type=float, default=100.0, help="p99 target of the demo model")
     p.add_argument("--p99-r50-ms", type=float, default=2000.0, help="p99 target of resnet50")
     p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
+    precision_scenario.add_arguments(p)
 
 
 def models(args: argparse.Namespace) -> dict[str, BenchModel]:
@@ -107,6 +111,9 @@ def engine_scenario(ctx: BenchContext, model: BenchModel, run_engine) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scenario == "precision":  # pairs of bundles of its own (docs/precision.md)
+        precision_scenario.run_precision(args)
+        return 0
     if args.scenario == "summary":
         from service.bench.summary import write_summary
 
