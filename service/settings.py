@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         "cross-task", description="per-task: every batch holds one task (the per-model baseline)"
     )
     preprocess_workers: int = Field(0, ge=0, description="decode/preprocess threads; 0 = CPUs available")
+    batch_buckets: str = Field(
+        "auto",
+        description="batch sizes every (segment, variant) call is padded to: auto (CUDA: powers of two up "
+        "to max_batch_size; CPU: off), pow2, off, or a list such as 1,2,4,8,16,32",
+    )
+    cuda_graphs: Literal["on", "off"] = Field(
+        "on", description="CUDA: replay one captured CUDA graph per (variant, bucket); needs batch buckets"
+    )
     warmup: bool = True
     verify_sha256: bool = True
     model_dir: Path | None = Field(
@@ -76,6 +84,13 @@ class Settings(BaseSettings):
                 f"({self.max_images_per_request}), or a full request could never be admitted"
             )
         return self
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets(cls, v: str) -> str:
+        from service.buckets import check_spec
+
+        return check_spec(v)
 
     @field_validator("model_dir", "admin_token", "admin_token_file", mode="before")
     @classmethod
@@ -115,3 +130,9 @@ class Settings(BaseSettings):
 
     def decode_workers(self) -> int:
         return self.preprocess_workers or available_cpus()
+
+    def bucket_sizes(self) -> tuple[int, ...] | None:
+        """The batch buckets on this device (None: no padding)."""
+        from service.buckets import resolve
+
+        return resolve(self.batch_buckets, self.max_batch_size, self.device)
