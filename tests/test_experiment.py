@@ -149,10 +149,10 @@ def test_quick_end_to_end_and_resume(tmp_path: Path) -> None:
 def test_same_initial_function_for_every_plan(tmp_path: Path) -> None:
     """Same init policy: for one seed, every plan starts as the same function of each task."""
     torch = pytest.importorskip("torch")
-    from training.checkpoint import build_run
     from training.config import parse_config
     from training.experiment import train_config
     from training.imagefolder import load_task
+    from training.run_setup import build_run
     from training.trainer import seed_everything
 
     data = _image_folder(tmp_path / "mdb", {"alpha": 3, "beta": 2, "gamma": 4})

@@ -62,13 +62,13 @@ def test_relative_roots_resolve_against_the_config_file(tmp_path, data):
 
 
 def test_proportion_plan_resolves_to_a_cut(tmp_path, data):
-    from training.checkpoint import build_run
     from training.config import load_config
     from training.imagefolder import load_task
+    from training.run_setup import build_run
 
     cfg = load_config(write_config(tmp_path / "c.yaml", data, plan={"kind": "bottom", "proportion": 0.05}))
     run = build_run(cfg, [load_task(n, t.root) for n, t in cfg.tasks.items()])
-    assert run.meta["plan"].startswith("bottom:")
+    assert run.config.plan.startswith("bottom:")
 
 
 @pytest.mark.parametrize(

@@ -55,9 +55,9 @@ def test_training_writes_run_files_and_loss_falls(run_dir, capsys):
 
 
 def test_load_run_round_trips_exactly(run_dir, data):
-    from training.checkpoint import load_run
     from training.config import AugmentConfig
     from training.imagefolder import MixedDataset, load_task, transforms
+    from training.run_files import load_run
 
     net, info = load_run(run_dir, "last")
     assert info.step == 24 and info.labels["alpha"] == ("class0", "class1", "class2")
@@ -80,7 +80,7 @@ def test_load_run_round_trips_exactly(run_dir, data):
 
 
 def test_load_run_without_checkpoint_names_the_dir(tmp_path):
-    from training.checkpoint import load_run
+    from training.run_files import load_run
 
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_run(tmp_path)
@@ -104,9 +104,9 @@ def test_pretrained_weights_load_and_mismatch_is_clear(tmp_path, data, capsys):
     import timm
     from safetensors.torch import save_file
 
-    from training.checkpoint import build_run
     from training.config import load_config
     from training.imagefolder import load_task
+    from training.run_setup import build_run
 
     src = timm.create_model("test_resnet", num_classes=7)
     weights = {k: v.contiguous() for k, v in src.state_dict().items()}

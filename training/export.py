@@ -96,6 +96,34 @@ def _segment_inputs(net: MultiTaskNet, x: torch.Tensor) -> dict[tuple[str, str],
     return seen
 
 
+def export_segment(
+    seg, inputs: Mapping[tuple[str, str], torch.Tensor], out: Path, log
+) -> tuple[SegmentSpec, float]:
+    """Export and check every variant of one segment; its manifest entry and its worst parity."""
+    variants: dict[str, VariantSpec] = {}
+    parity = 0.0
+    for vid, module in seg.variants.items():
+        rel = Path("segments") / seg.name / f"{vid}.onnx"
+        x = inputs[(seg.name, vid)]
+        export_module(module, x[:2], out / rel)
+        diff = check_parity(module, out / rel, x, PARITY_BATCHES)
+        parity = max(parity, diff)
+        params = sum(p.numel() for p in module.parameters())
+        variants[vid] = VariantSpec(file=rel.as_posix(), sha256=sha256_file(out / rel), params=params)
+        log(f"  {rel.as_posix():40s} params={params:>10,d}  max|onnx-torch|={diff:.1e}")
+    x = inputs[(seg.name, next(iter(seg.variants)))]
+    with torch.no_grad():
+        y = next(iter(seg.variants.values()))(x[:1])
+    spec = SegmentSpec(
+        name=seg.name,
+        input_shape=tuple(x.shape[1:]),
+        output_shape=(-1,) if seg.name == HEAD else tuple(y.shape[1:]),
+        variants=variants,
+        units=list(seg.plan.units),
+    )
+    return spec, parity
+
+
 def export_network(
     net: MultiTaskNet,
     out: str | Path,
@@ -120,32 +148,10 @@ def export_network(
     images = torch.randn(max(PARITY_BATCHES), *input_spec.size, generator=generator)
     inputs = _segment_inputs(net, images)
 
-    segments: list[SegmentSpec] = []
-    parity: dict[str, float] = {}
+    segments, parity = [], {}
     for seg in net.segments:
-        variants: dict[str, VariantSpec] = {}
-        for vid, module in seg.variants.items():
-            rel = Path("segments") / seg.name / f"{vid}.onnx"
-            x = inputs[(seg.name, vid)]
-            export_module(module, x[:2], out / rel)
-            diff = check_parity(module, out / rel, x, PARITY_BATCHES)
-            parity[seg.name] = max(parity.get(seg.name, 0.0), diff)
-            params = sum(p.numel() for p in module.parameters())
-            variants[vid] = VariantSpec(file=rel.as_posix(), sha256=sha256_file(out / rel), params=params)
-            log(f"  {rel.as_posix():40s} params={params:>10,d}  max|onnx-torch|={diff:.1e}")
-        x = inputs[(seg.name, next(iter(seg.variants)))]
-        with torch.no_grad():
-            y = next(iter(seg.variants.values()))(x[:1])
-        output_shape = (-1,) if seg.name == HEAD else tuple(y.shape[1:])
-        segments.append(
-            SegmentSpec(
-                name=seg.name,
-                input_shape=tuple(x.shape[1:]),
-                output_shape=output_shape,
-                variants=variants,
-                units=list(seg.plan.units),
-            )
-        )
+        spec, parity[seg.name] = export_segment(seg, inputs, out, log)
+        segments.append(spec)
     acc = net.accounting()
     manifest = Manifest(
         name=name,

@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.network import MultiTaskNet
-from training import checkpoint as ckpt
-from training.checkpoint import pick_device
+from training import run_files
 from training.imagefolder import MixedBatchSampler, MixedDataset, eval_batches, load_task, make_loader
+from training.metrics_log import MetricsLog
+from training.optimizer_state import STATE, load_state, save_state
+from training.run_files import RunConfig
+from training.run_setup import build_run, pick_device
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -116,9 +119,9 @@ class _Session:
         _check_run_dir(run_dir, resume, overwrite, dist.main)
         seed_everything(cfg.seed)
         data = [load_task(name, task.root) for name, task in cfg.tasks.items()]
-        run = ckpt.build_run(cfg, data, pretrained=None if resume else pretrained)
+        run = build_run(cfg, data, pretrained=None if resume else pretrained)
         self.net = net = run.net
-        self.meta = run.meta
+        self.run_config = run.config
         seed_everything(cfg.seed + dist.rank)
         use_amp = cuda and cfg.amp != "off"
         self.amp = (
@@ -134,9 +137,9 @@ class _Session:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
         self.start, self.best = 0, None
         if resume:
-            _check_resume(run_dir, run.meta)
-            net.load_state_dict(ckpt.load_weights(run_dir, "last"))
-            saved = ckpt.load_state(run_dir, self.opt, self.sched, self.scaler)
+            _check_resume(run_dir, run.config)
+            net.load_state_dict(run_files.load_weights(run_dir, "last"))
+            saved = load_state(run_dir, self.opt, self.sched, self.scaler)
             self.start, self.best = int(saved["step"]), saved.get("best")
             say(f"resuming {run_dir} from step {self.start}")
         self.end = min(sc.steps, max_steps) if max_steps else sc.steps
@@ -152,9 +155,7 @@ class _Session:
         val_set = MixedDataset([d.val for d in data], run.eval_tf)
         self.val_loader = make_loader(val_set, batches, cfg.workers, 0, cuda)
         metrics = run_dir / "metrics.csv"
-        self.log = (
-            ckpt.MetricsLog(metrics, net.task_names, net.num_classes, self.start) if dist.main else None
-        )
+        self.log = MetricsLog(metrics, net.task_names, net.num_classes, self.start) if dist.main else None
 
 
 def train(
@@ -173,17 +174,53 @@ def train(
     main = int(os.environ.get("RANK", "0")) == 0
     say = say if main else (lambda *a, **k: None)
     s = _Session(cfg, Path(run_dir), max_steps, resume, pretrained, overwrite, say)
-    net, names, B, T = s.net, s.net.task_names, cfg.batch_per_task, len(s.net.task_names)
-    acc = net.accounting()
+    net, names = s.net, s.net.task_names
+    acc, T = net.accounting(), len(names)
     say(
-        f"training {cfg.backbone} plan {s.meta['plan']!r} on {s.device} x{s.dist.world} into {s.run_dir}: "
-        f"steps {s.start}->{s.end}, {T} tasks x {B} images per step\n"
+        f"training {cfg.backbone} plan {s.run_config.plan!r} on {s.device} x{s.dist.world} into {s.run_dir}: "
+        f"steps {s.start}->{s.end}, {T} tasks x {cfg.batch_per_task} images per step\n"
         f"parameters: total {acc.total_params:,}, task-specific {acc.task_specific_params:,} "
         f"({acc.proportion:.1%}); {acc.bytes_held / 2**20:.1f} MiB vs "
         f"{acc.bytes_independent / 2**20:.1f} MiB for {T} independent models"
     )
-    show = progress and s.dist.main
-    bar = tqdm(total=s.end, initial=s.start, disable=not show, mininterval=1.0, file=sys.stderr)
+    bar = tqdm(
+        total=s.end, initial=s.start, disable=not (progress and s.dist.main), mininterval=1.0, file=sys.stderr
+    )
+    val, windows, bad = _loop(s, cfg, bar)
+    bar.close()
+    if val is None:  # nothing left to train (resumed at the end): evaluate what is there
+        val = evaluate(net, s.val_loader, s.device, s.amp, s.dist)
+    if s.log:
+        s.log.plot(s.run_dir / "curves.png", names)
+    if s.dist.world > 1:
+        torch.distributed.barrier()
+    steady = windows[1:] or windows  # the first window includes DataLoader start-up
+    rate = sum(n for n, _ in steady) / max(sum(e for _, e in steady), 1e-9)
+    wall = time.perf_counter() - wall0
+    return TrainResult(s.run_dir, s.end, val, s.best, rate, wall, _bad_counts(bad, s.train_set, names))
+
+
+def _step(s: _Session, x, y, t, weights: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on a mixed batch; returns the mean loss per task (detached)."""
+    T, B = len(s.net.task_names), s.cfg.batch_per_task
+    x = x.to(s.device, non_blocking=True, memory_format=s.fmt)
+    y = y.to(s.device, non_blocking=True)
+    with s.amp():
+        logits = s.model(x, t.tolist())
+    per_task = F.cross_entropy(logits.float(), y, reduction="none").view(T, B).mean(1)
+    loss = (per_task * weights).sum()
+    s.opt.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    s.sched.step()
+    return per_task.detach()
+
+
+def _loop(s: _Session, cfg, bar) -> tuple[dict | None, list[tuple[int, float]], set[int]]:
+    """Steps ``start+1..end``: log every ``log_interval``, evaluate (and save) every ``eval_interval``.
+    Returns the last validation, the (images, seconds) of each log window and the unreadable images."""
+    names, B, T = s.net.task_names, cfg.batch_per_task, len(s.net.task_names)
     weights = torch.tensor(cfg.task_weights, device=s.device)
     loss_sum, seen, windows = torch.zeros(T, device=s.device), 0, []
     bad: set[int] = set()
@@ -193,18 +230,7 @@ def train(
         x, y, t, b = next(it)
         if b.max() >= 0:
             bad.update(b[b >= 0].tolist())
-        x = x.to(s.device, non_blocking=True, memory_format=s.fmt)
-        y = y.to(s.device, non_blocking=True)
-        with s.amp():
-            logits = s.model(x, t.tolist())
-        per_task = F.cross_entropy(logits.float(), y, reduction="none").view(T, B).mean(1)
-        loss = (per_task * weights).sum()
-        s.opt.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
-        s.scaler.step(s.opt)
-        s.scaler.update()
-        s.sched.step()
-        loss_sum += per_task.detach()
+        loss_sum += _step(s, x, y, t, weights)
         seen += 1
         bar.update()
         do_eval = step % cfg.eval_interval == 0 or step == s.end
@@ -222,29 +248,19 @@ def train(
         row["images_per_s"] = f"{n_img / max(elapsed, 1e-9):.1f}"
         post = {"loss": f"{total:.3f}", "img_s": f"{n_img / max(elapsed, 1e-9):.0f}"}
         if do_eval:
-            val = evaluate(net, s.val_loader, s.device, s.amp, s.dist)
+            val = evaluate(s.net, s.val_loader, s.device, s.amp, s.dist)
             _record_eval(s, step, val, row, post)
             if bad and s.dist.main:
+                counts = _bad_counts(bad, s.train_set, names)
                 bar.write(
-                    f"warning: skipped {len(bad)} unreadable training image(s) so far: "
-                    f"{_bad_counts(bad, s.train_set, names)}",
+                    f"warning: skipped {len(bad)} unreadable training image(s) so far: {counts}",
                     file=sys.stderr,
                 )
         bar.set_postfix(post, refresh=False)
         if s.log:
             s.log.write(row)
         tick = time.perf_counter()
-    bar.close()
-    if val is None:  # nothing left to train (resumed at the end): evaluate what is there
-        val = evaluate(net, s.val_loader, s.device, s.amp, s.dist)
-    if s.log:
-        s.log.plot(s.run_dir / "curves.png", names)
-    if s.dist.world > 1:
-        torch.distributed.barrier()
-    steady = windows[1:] or windows  # the first window includes DataLoader start-up
-    rate = sum(n for n, _ in steady) / max(sum(e for _, e in steady), 1e-9)
-    wall = time.perf_counter() - wall0
-    return TrainResult(s.run_dir, s.end, val, s.best, rate, wall, _bad_counts(bad, s.train_set, names))
+    return val, windows, bad
 
 
 def _record_eval(s: _Session, step: int, val: dict, row: dict, post: dict) -> None:
@@ -256,15 +272,15 @@ def _record_eval(s: _Session, step: int, val: dict, row: dict, post: dict) -> No
     if s.best is None or mean > s.best["mean_top1"]:
         s.best = {"step": step, "mean_top1": mean, "val": {n: v["top1"] for n, v in val.items()}}
         if s.dist.main:
-            ckpt.save_weights(s.run_dir, "best", s.net)
+            run_files.save_weights(s.run_dir, "best", s.net)
     if s.dist.main:
-        _save_last(s.run_dir, s.net, s.opt, s.sched, s.scaler, s.meta, step, s.best)
+        _save_last(s.run_dir, s.net, s.opt, s.sched, s.scaler, s.run_config, step, s.best)
 
 
-def _save_last(run_dir, net, opt, sched, scaler, meta, step, best) -> None:
-    ckpt.save_weights(run_dir, "last", net)
-    ckpt.save_state(run_dir, opt, sched, scaler, {"step": step, "best": best})
-    ckpt.write_config(run_dir, meta, step, best and {"step": best["step"], "val": best["val"]})
+def _save_last(run_dir, net, opt, sched, scaler, config: RunConfig, step, best) -> None:
+    run_files.save_weights(run_dir, "last", net)
+    save_state(run_dir, opt, sched, scaler, {"step": step, "best": best})
+    run_files.write_config(run_dir, config, step, best and {"step": best["step"], "val": best["val"]})
 
 
 def _bad_counts(bad: set[int], dataset: MixedDataset, names: list[str]) -> dict[str, int]:
@@ -277,9 +293,9 @@ def _bad_counts(bad: set[int], dataset: MixedDataset, names: list[str]) -> dict[
 
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, main: bool) -> None:
     if resume:
-        if not (run_dir / ckpt.STATE).is_file() or not (run_dir / ckpt.WEIGHTS["last"]).is_file():
+        if not (run_dir / STATE).is_file() or not (run_dir / run_files.WEIGHTS["last"]).is_file():
             raise FileNotFoundError(f"cannot resume: {run_dir} has no last.safetensors + state.json")
-    elif ckpt.has_checkpoint(run_dir) and not overwrite:
+    elif run_files.has_checkpoint(run_dir) and not overwrite:
         raise ValueError(
             f"{run_dir} already holds a training run; pass --resume to continue it or --overwrite"
         )
@@ -287,8 +303,8 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, main: bool) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_resume(run_dir: Path, meta: dict) -> None:
-    saved = ckpt.read_run_config(run_dir)
+def _check_resume(run_dir: Path, config: RunConfig) -> None:
+    saved = run_files.read_run_config(run_dir)
     for key in ("backbone", "plan", "tasks", "timm_kwargs"):
-        if saved.get(key) != meta[key]:
+        if getattr(saved, key) != getattr(config, key):
             raise ValueError(f"cannot resume {run_dir}: the config's {key} differs from the saved run's")
