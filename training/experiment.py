@@ -173,6 +173,23 @@ class Results:
         os.replace(tmp, self.path)
 
 
+def _plan_dataset(
+    results: Results, name: str, root: Path, settings: Mapping[str, Any], say: Callable[[str], None]
+) -> list[PlanSpec]:
+    """The plans of one dataset, recorded in the results with its tasks."""
+    tasks = count_classes(root)
+    plans = choose_plans(
+        settings["backbone"],
+        tasks,
+        settings["timm_kwargs"],
+        settings["levels"],
+        settings["bottom_levels"],
+    )
+    results.data["datasets"][name] = {"root": str(root), "tasks": tasks, "plans": [asdict(p) for p in plans]}
+    say(f"{name}: {len(tasks)} tasks; plans " + ", ".join(f"{p.plan} ({p.proportion:.1%})" for p in plans))
+    return plans
+
+
 def run_experiment(
     datasets: Mapping[str, Path],
     out: Path,
@@ -193,25 +210,7 @@ def run_experiment(
     results.data.setdefault("environment", environment())
     results.data.setdefault("command", command)
     results.data["last_command"] = command
-    plans: dict[str, list[PlanSpec]] = {}
-    for name, root in datasets.items():
-        tasks = count_classes(root)
-        plans[name] = choose_plans(
-            settings["backbone"],
-            tasks,
-            settings["timm_kwargs"],
-            settings["levels"],
-            settings["bottom_levels"],
-        )
-        results.data["datasets"][name] = {
-            "root": str(root),
-            "tasks": tasks,
-            "plans": [asdict(p) for p in plans[name]],
-        }
-        say(
-            f"{name}: {len(tasks)} tasks; plans "
-            + ", ".join(f"{p.plan} ({p.proportion:.1%})" for p in plans[name])
-        )
+    plans = {name: _plan_dataset(results, name, Path(root), settings, say) for name, root in datasets.items()}
     results.save()
     work = Path(settings["work_dir"])
     total = sum(len(p) for p in plans.values()) * len(settings["seeds"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.cli import UserError
+from contract.errors import UserError
 from training.demo_data import TaskData, build, build_sources, cap_per_class, split_indices, task_seed
 from training.sources import FASHION_CLASSES, Source, SourceUnavailable, load
 
