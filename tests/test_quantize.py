@@ -158,3 +158,16 @@ async def test_served_int8_bundle_answers(int8_bundle: Path, tiny_bundle: Path):
     body = r.json()
     assert body["model_version"] == "1-int8"
     assert len(body["predictions"][0]["top_k"]) == 5
+
+
+def test_bench_precision_quick(tiny_bundle: Path, int8_bundle: Path, tmp_path: Path):
+    args = ["bench", "precision", "--demo", str(tiny_bundle), "--demo-int8", str(int8_bundle)]
+    args += ["--r50-mt2", str(tmp_path / "absent"), "--quick", "--out", str(tmp_path), "--threads", "1"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "precision.json").read_text())
+    rows = result["int8"]["demo"]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 32] and all(r["speedup"] > 0 for r in rows)
+    assert set(result["int8"]["demo"]["accuracy"]) == set(TINY_TASKS)
+    assert "missing" in result["int8"]["r50"]["not_measured"]
+    assert result["fp16"]["demo"]["not_measured"].startswith("no GPU")
+    assert "avx512_vnni" in result["cpu_flags"] and "not measured" in (tmp_path / "precision.md").read_text()
