@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("training.data_cli", "build offline data sets (demo, mdb)"),
     "train": ("training.train_cli", "train a multi-task model from a YAML config"),
     "export": ("training.export_cli", "export a training run to a verified ONNX bundle"),
+    "add-task": ("training.add_task_cli", "add a task: train only its own variants on the frozen trunk"),
+    "remove-task": ("training.remove_task", "a new bundle version without one task (files byte-identical)"),
     "quantize": ("training.quantize_cli", "int8 (CPU) / fp16 (GPU) copy of a bundle, accuracy checked"),
     "experiment": ("training.experiment_cli", "run the paper's plan comparison"),
 }
