@@ -215,22 +215,8 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
                 res = loadgen.run(
                     loadgen.closed_loop(port, reqs, [mix], seconds, model.warmup_s, pause=pause_s)
                 )
-                s = res.summary()
                 eng = 0.0 if extra is None else eng_p50  # the floor runs no model
-                extra = extra or 0.0
-                rows.append(
-                    {
-                        "max_wait_ms": wait,
-                        "route": route,
-                        "requests": s["requests"],
-                        "p50_ms": s["p50_ms"],
-                        "p99_ms": s["p99_ms"],
-                        "engine_bs1_p50_ms": round(eng, 3),
-                        "decode_p50_ms": round(extra, 3),
-                        "overhead_p50_ms": round(s["p50_ms"] - eng, 3),
-                        "overhead_minus_decode_ms": round(s["p50_ms"] - eng - extra, 3),
-                    }
-                )
+                rows.append(_idle_row(wait, route, res.summary(), eng, extra or 0.0))
     result |= {
         "rows": rows,
         "figure": {f"P5 {r['route']} wait={r['max_wait_ms']:g}": r["overhead_p50_ms"] for r in rows},
@@ -244,6 +230,21 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
         lambda ax: report.bars(ax, labels, [r["overhead_p50_ms"] for r in rows], "p50 - engine bs1 p50 (ms)"),
     )
     return result
+
+
+def _idle_row(wait: float, route: str, s: dict, eng: float, decode: float) -> dict:
+    """One idle-latency row: p50/p99 and the p50 less the engine's batch-1 p50 (and less decoding)."""
+    return {
+        "max_wait_ms": wait,
+        "route": route,
+        "requests": s["requests"],
+        "p50_ms": s["p50_ms"],
+        "p99_ms": s["p99_ms"],
+        "engine_bs1_p50_ms": round(eng, 3),
+        "decode_p50_ms": round(decode, 3),
+        "overhead_p50_ms": round(s["p50_ms"] - eng, 3),
+        "overhead_minus_decode_ms": round(s["p50_ms"] - eng - decode, 3),
+    }
 
 
 def _timed(fn) -> float:

@@ -26,50 +26,43 @@ def probe(bundles: list[str], threads: int) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss"])
 
 
+def _row(how: str, multi_task: float, independent: float, note: str) -> dict:
+    """One comparison, bytes in, MiB out."""
+    return {
+        "how": how,
+        "multi_task_mib": round(multi_task / MiB, 1),
+        "independent_mib": round(independent / MiB, 1),
+        "ratio": round(multi_task / independent, 3),
+        "note": note,
+    }
+
+
 def memory(ctx: BenchContext, model: BenchModel) -> dict:
     result = ctx.header("memory", model, f"P3 memory after warm-up ({model.key})")
     n = len(model.manifest().tasks)
     singles = model.singles[:n]
-    rows = []
     with server.mtserve(model.bundle, ctx.threads, ctx.server_args()) as (_, proc):
         mt = server.rss_bytes(proc.pid)
     with server.mtserve(singles[0], ctx.threads, ctx.server_args()) as (_, proc):
         one = server.rss_bytes(proc.pid)
-    rows.append(
-        {
-            "how": f"servers (warm-up bs 1 and {ctx.max_batch_size})",
-            "multi_task_mib": mt / MiB,
-            "independent_mib": n * one / MiB,
-            "ratio": round(mt / (n * one), 3),
-            "note": f"{n} x one single-task server ({one / MiB:.0f} MiB)",
-        }
-    )
     mt_e = probe([str(model.bundle)], ctx.threads)
     ind_e = probe([str(s) for s in singles], ctx.threads)
     base = probe([], ctx.threads)
-    rows.append(
-        {
-            "how": "one engine process (warm-up bs 1)",
-            "multi_task_mib": mt_e / MiB,
-            "independent_mib": ind_e / MiB,
-            "ratio": round(mt_e / ind_e, 3),
-            "note": f"{len(singles)} engines in one process; empty process {base / MiB:.0f} MiB",
-        }
-    )
-    rows.append(
-        {
-            "how": "engine process minus empty process",
-            "multi_task_mib": (mt_e - base) / MiB,
-            "independent_mib": (ind_e - base) / MiB,
-            "ratio": round((mt_e - base) / (ind_e - base), 3),
-            "note": "model memory only",
-        }
-    )
-    for r in rows:
-        r["multi_task_mib"], r["independent_mib"] = (
-            round(r["multi_task_mib"], 1),
-            round(r["independent_mib"], 1),
-        )
+    rows = [
+        _row(
+            f"servers (warm-up bs 1 and {ctx.max_batch_size})",
+            mt,
+            n * one,
+            f"{n} x one single-task server ({one / MiB:.0f} MiB)",
+        ),
+        _row(
+            "one engine process (warm-up bs 1)",
+            mt_e,
+            ind_e,
+            f"{len(singles)} engines in one process; empty process {base / MiB:.0f} MiB",
+        ),
+        _row("engine process minus empty process", mt_e - base, ind_e - base, "model memory only"),
+    ]
     acc = model.manifest().accounting
     result |= {
         "tasks": n,

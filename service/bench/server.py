@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +67,12 @@ def rss_bytes(pid: int, children: bool = True) -> int:
     return sum(_vmrss(p) for p in [pid, *(_children(pid) if children else [])])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -84,20 +90,41 @@ def _env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def running(
+    cmd: Sequence[str],
+    port: int,
+    ready_path: str = "/readyz",
+    ready_s: float = 300.0,
+    env: Mapping[str, str] | None = None,
+    halt: Callable[[subprocess.Popen], None] = stop,
+    **popen,
+) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` (from the repo root, the repo on its path, ``env`` added) and yield the process once
+    ``ready_path`` on ``port`` answers 200; ``halt`` it afterwards."""
+    proc = subprocess.Popen(list(cmd), cwd=ROOT, env=_env() | dict(env or {}), **popen)
+    try:
+        wait_ready(proc, port, ready_path, ready_s)
+        yield proc
+    finally:
+        halt(proc)
+
+
+@contextlib.contextmanager
 def mtserve(
-    bundle: str | Path, threads: int, extra: Sequence[str] = (), ready_s: float = 300.0
+    bundle: str | Path,
+    threads: int | None,
+    extra: Sequence[str] = (),
+    ready_s: float = 300.0,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen]]:
-    """`mtserve serve BUNDLE` on a free loopback port; yields (port, process) once /readyz is 200."""
+    """`mtserve serve BUNDLE` on a free loopback port; yields (port, process) once /readyz is 200.
+    ``threads`` None: the server's default."""
     port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "serve", str(bundle), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", str(threads), "--queue-size", "100000"]
-    cmd += ["--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env())
-    try:
-        wait_ready(proc, port, "/readyz", ready_s)
+    cmd += ["--port", str(port), *(() if threads is None else ("--threads", str(threads)))]
+    cmd += ["--queue-size", "100000", "--log-level", "warning", *extra]
+    with running(cmd, port, "/readyz", ready_s, env) as proc:
         yield port, proc
-    finally:
-        stop(proc)
 
 
 @contextlib.contextmanager
@@ -109,19 +136,9 @@ def litserve_peer(
     cmd = [sys.executable, "-m", "service.bench.peer_litserve", str(bundle), "--port", str(port)]
     cmd += ["--threads", str(threads), "--max-batch-size", str(max_batch_size)]
     cmd += ["--batch-timeout-ms", str(batch_timeout_ms)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(proc, port, "/health", ready_s)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with running(cmd, port, "/health", ready_s, halt=_stop_group, start_new_session=True, **quiet) as proc:
         yield port, proc
-    finally:
-        _stop_group(proc)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -155,16 +172,26 @@ def scrape_batches(port: int) -> dict:
         "single_task": val('mtserve_batch_tasks_bucket{le="1.0"}'),
         "rows": val(f"mtserve_batch_size_sum{{{trunk}}}"),
         "calls": val(f"mtserve_batch_size_count{{{trunk}}}"),
+        "engine_s": sum(
+            float(v) for v in re.findall(r"^mtserve_segment_duration_seconds_sum\{[^}]*\} (\S+)$", text, re.M)
+        ),
     }
 
 
-def batch_delta(before: dict, after: dict) -> dict:
+def batch_delta(before: dict, after: dict, seconds: float | None = None) -> dict:
+    """Trunk calls and mean batch between two scrapes; with ``seconds`` (the time between them) also
+    the share of shared-trunk batches that mixed tasks and the share of wall time inside onnxruntime."""
     d = {k: after[k] - before[k] for k in before}
-    return {
+    out = {
         "trunk_calls": int(d["calls"]),
         "mean_trunk_batch": round(d["rows"] / d["calls"], 2) if d["calls"] else 0.0,
         "mean_tasks_per_batch": round(d["tasks_sum"] / d["batches"], 2) if d["batches"] else 0.0,
     }
+    if seconds:
+        mixed = d["batches"] - d["single_task"]
+        out["mixed_share"] = round(mixed / d["batches"], 3) if d["batches"] else 0.0
+        out["engine_busy_share"] = round(d["engine_s"] / seconds, 3)
+    return out
 
 
 def dump(obj) -> str:
