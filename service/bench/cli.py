@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.bench import precision as precision_scenario
+from service.bench import tasks_scaling as scaling_scenario
 from service.bench.context import BenchContext, BenchModel
 from service.settings import available_cpus
 
@@ -32,7 +33,7 @@ DEFAULT_MODELS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "scenario",
-        choices=[*SCENARIOS, "all", "summary", "precision"],
+        choices=[*SCENARIOS, "all", "summary", "precision", "tasks-scaling", "mixed-batch"],
         help="summary: rebuild summary.md from --out",
     )
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p99-r50-ms", type=float, default=2000.0, help="p99 target of resnet50")
     p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
     precision_scenario.add_arguments(p)
+    scaling_scenario.add_arguments(p)
 
 
 def models(args: argparse.Namespace) -> dict[str, BenchModel]:
@@ -113,6 +115,13 @@ def engine_scenario(ctx: BenchContext, model: BenchModel, run_engine) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.scenario == "precision":  # pairs of bundles of its own (docs/precision.md)
         precision_scenario.run_precision(args)
+        return 0
+    if args.scenario in ("tasks-scaling", "mixed-batch"):  # bundles of their own (issue 13)
+        scenario_fn = {
+            "tasks-scaling": scaling_scenario.run_tasks_scaling,
+            "mixed-batch": scaling_scenario.run_mixed_batch,
+        }
+        print(json.dumps(scenario_fn[args.scenario](args)["figure"]))
         return 0
     if args.scenario == "summary":
         from service.bench.summary import write_summary
