@@ -95,6 +95,8 @@ async def readyz(request: Request) -> JSONResponse:
         "device": s.settings.device,
         "providers": s.engine.providers,
     }
+    if describe := getattr(s.engine, "describe", None):  # buckets, graphs, start-up time, memory held
+        body["engine"] = describe()
     if s.failed:
         body["status"] = "failed"
     if body["status"] != "ready":

@@ -39,6 +39,8 @@ def build_engine(settings: Settings, path: Path | None = None) -> Engine:
         threads=settings.intra_op_threads(),
         device_id=settings.device_id,
         warmup_batch_sizes=warmup,
+        buckets=settings.bucket_sizes(),  # batch buckets + a CUDA graph per (variant, bucket) (issue 13)
+        cuda_graphs=settings.cuda_graphs == "on" and settings.device == "cuda",
     )
 
 

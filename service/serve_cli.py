@@ -29,6 +29,8 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--max-images-per-request": ("max_images_per_request", int, "images per request (default 64)"),
     "--max-pixels": ("max_pixels", int, "decoded pixels per image (default 40M)"),
     "--batching": ("batching", str, "cross-task (default) or per-task (the per-model baseline)"),
+    "--batch-buckets": ("batch_buckets", str, "auto (CUDA: powers of 2; CPU: off), pow2, off, 1,2,4,8"),
+    "--cuda-graphs": ("cuda_graphs", str, "on (default) or off: a CUDA graph per (variant, bucket)"),
     "--preprocess-workers": ("preprocess_workers", int, "decode threads (default: the CPUs available)"),
     "--model-dir": ("model_dir", str, "bundles POST /admin/reload may load (default: BUNDLE's parent)"),
     "--admin-token-file": ("admin_token_file", str, "file with the admin token (else no /admin)"),
@@ -39,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="bundle directory (or MTSERVE_BUNDLE)")
     for flag, (field, typ, text) in OPTIONS.items():
         env = "MTSERVE_" + field.upper()
-        choices = {"--device": ["cpu", "cuda"], "--batching": ["cross-task", "per-task"]}.get(flag)
+        choices = {
+            "--device": ["cpu", "cuda"],
+            "--batching": ["cross-task", "per-task"],
+            "--cuda-graphs": ["on", "off"],
+        }.get(flag)
         parser.add_argument(flag, dest=field, type=typ, choices=choices, help=f"{text}; env {env}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
