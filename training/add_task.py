@@ -129,6 +129,17 @@ class AddTaskResult:
 # -- the network ---------------------------------------------------------------------------------
 
 
+def load_net(cfg_path: Path, weights: Path) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """A network from a config.json (a run's or a bundle's) and its safetensors weights, eval mode."""
+    cfg = json.loads(cfg_path.read_text())
+    labels = {t: list(v["labels"]) for t, v in cfg["tasks"].items()}
+    net = MultiTaskNet(
+        cfg["backbone"], {t: len(v) for t, v in labels.items()}, cfg["plan"], **(cfg.get("timm_kwargs") or {})
+    )
+    net.load_state_dict(load_file(str(weights)), strict=True)
+    return net.eval(), cfg
+
+
 def load_bundle_net(source: Path, manifest: Manifest) -> tuple[MultiTaskNet, dict[str, Any]]:
     """The torch network of a bundle (its checkpoint and config), checked against its manifest."""
     cfg_path, weights = source / CONFIG, source / CHECKPOINT
@@ -141,11 +152,7 @@ def load_bundle_net(source: Path, manifest: Manifest) -> tuple[MultiTaskNet, dic
     labels = {t: list(v["labels"]) for t, v in cfg["tasks"].items()}
     if list(labels) != list(manifest.tasks) or any(labels[t] != manifest.tasks[t].labels for t in labels):
         raise UserError(f"{cfg_path}: its tasks or labels differ from the manifest's; not the same model")
-    net = MultiTaskNet(
-        cfg["backbone"], {t: len(v) for t, v in labels.items()}, cfg["plan"], **(cfg.get("timm_kwargs") or {})
-    )
-    net.load_state_dict(load_file(str(weights)), strict=True)
-    net.eval()
+    net, cfg = load_net(cfg_path, weights)
     for seg, spec in zip(net.segments, manifest.segments, strict=True):
         if tuple(seg.plan.units) != tuple(spec.units or seg.plan.units) or set(seg.variants) != set(
             spec.variants
@@ -430,6 +437,90 @@ def _device(kind: str) -> torch.device:
     return torch.device("cuda" if kind != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+@dataclass
+class Extended:
+    """The in-memory outcome of adding a task to a network (no files)."""
+
+    data: TaskData
+    owned: list[int]
+    donor: str
+    probe: dict[str, float]
+    val: dict[str, float]
+    best_step: int
+    trainable: int
+    times: dict[str, float]
+
+
+def extend_network(
+    net: MultiTaskNet,
+    run_cfg: dict[str, Any],
+    task: str,
+    data_root: str | Path,
+    cfg: AddTaskConfig,
+    *,
+    progress: bool = False,
+    say: Callable[[str], None] = print,
+    where: str = "the bundle",
+) -> Extended:
+    """Add ``task`` to ``net`` (built from ``run_cfg``, a run's or bundle's config.json) and train its
+    own variants; raises if any other task's parameter, buffer or logit moved by one bit."""
+    times: dict[str, float] = {}
+    if task in net.task_names:
+        raise UserError(f"task {task!r} is already in {where}; remove it first or pick another name")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_task(task, data_root)
+    train_cfg = run_cfg.get("train_config") or {}
+    augment = cfg.augment or AugmentConfig.model_validate(train_cfg.get("augment") or {})
+    optimizer = cfg.optimizer or OptimizerConfig.model_validate(train_cfg.get("optimizer") or {})
+    dc = dict(run_cfg["data_config"])
+    train_tf, eval_tf = transforms(dc, augment)
+    old_tasks = list(net.task_names)
+    size = tuple(dc["input_size"])
+    before = reference_logits(net, old_tasks, size)
+    frozen = {k: v.clone() for k, v in net.state_dict().items()}
+    owned = owned_segments(net, cfg.own)
+
+    t1 = time.perf_counter()
+    if cfg.init_from is not None:
+        if cfg.init_from not in old_tasks:
+            raise UserError(f"--init-from {cfg.init_from!r}: not a task of {where}; tasks are {old_tasks}")
+        donor, probe = cfg.init_from, {}
+    else:
+        probe = probe_donors(net, owned, data, eval_tf)
+        donor = max(probe, key=lambda t: probe[t] if probe[t] == probe[t] else -1.0)
+    times["probe_s"] = time.perf_counter() - t1
+    timm_kwargs = dict(run_cfg.get("timm_kwargs") or {})
+    modules = attach_task(net, task, len(data.classes), owned, donor, cfg.init, cfg.seed, timm_kwargs)
+    trainable = sum(p.numel() for m in modules for p in m.parameters())
+    owned_names = [net.segments[i].name for i in owned]
+    probed = ", ".join(f"{t} {a:.3f}" for t, a in probe.items())
+    say(
+        f"adding {task!r} ({len(data.classes)} classes, {len(data.train)} train / {len(data.val)} val): "
+        f"own {owned_names}, {trainable:,} trainable parameters "
+        f"({trainable / max(sum(p.numel() for p in net.parameters()), 1):.1%} of the new model); init "
+        + (f"from {donor!r}'s variants" if cfg.init == "stem" else "from scratch")
+        + (f" (nearest-class-mean probe: {probed})" if probe else "")
+    )
+
+    t2 = time.perf_counter()
+    device = _device(cfg.device)
+    val, best_step = train_new_task(
+        net, task, modules, data, train_tf, eval_tf, cfg, optimizer, device, progress, say
+    )
+    net.cpu()
+    times["train_s"] = time.perf_counter() - t2
+
+    # the other tasks did not move: parameters, buffers (BatchNorm statistics) and logits, bit for bit
+    state = net.state_dict()
+    moved = [k for k, v in frozen.items() if not torch.equal(state[k], v)]
+    after = reference_logits(net, old_tasks, size)
+    changed = [t for t in old_tasks if not torch.equal(before[t], after[t])]
+    if moved or changed:
+        raise RuntimeError(f"add-task changed other tasks: tensors {moved[:5]}, logits of {changed}")
+    return Extended(data, owned, donor, probe, val, best_step, trainable, times)
+
+
 def add_task(
     bundle: str | Path,
     task: str,
@@ -452,61 +543,19 @@ def add_task(
         raise UserError(f"bad task name {task!r}")
     if task in old.tasks:
         raise UserError(f"task {task!r} is already in {source}; remove it first or pick another name")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     net, run_cfg = load_bundle_net(source, old)
-    data = load_task(task, data_root)
-    train_cfg = run_cfg.get("train_config") or {}
-    augment = cfg.augment or AugmentConfig.model_validate(train_cfg.get("augment") or {})
-    optimizer = cfg.optimizer or OptimizerConfig.model_validate(train_cfg.get("optimizer") or {})
-    dc = dict(run_cfg["data_config"])
-    train_tf, eval_tf = transforms(dc, augment)
-    old_tasks = list(old.tasks)
-    before = reference_logits(net, old_tasks, old.input.size)
-    frozen = {k: v.clone() for k, v in net.state_dict().items()}
-    owned = owned_segments(net, cfg.own)
     times["load_s"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    if cfg.init_from is not None:
-        if cfg.init_from not in old.tasks:
-            raise UserError(f"--init-from {cfg.init_from!r}: not a task of {source}; tasks are {old_tasks}")
-        donor, probe = cfg.init_from, {}
-    else:
-        probe = probe_donors(net, owned, data, eval_tf)
-        donor = max(probe, key=lambda t: probe[t] if probe[t] == probe[t] else -1.0)
-    times["probe_s"] = time.perf_counter() - t1
-    timm_kwargs = dict(run_cfg.get("timm_kwargs") or {})
-    modules = attach_task(net, task, len(data.classes), owned, donor, cfg.init, cfg.seed, timm_kwargs)
-    trainable = sum(p.numel() for m in modules for p in m.parameters())
+    ext = extend_network(net, run_cfg, task, data_root, cfg, progress=progress, say=say, where=str(source))
+    times |= ext.times
+    owned, donor, probe, val, best_step, data = (
+        ext.owned,
+        ext.donor,
+        ext.probe,
+        ext.val,
+        ext.best_step,
+        ext.data,
+    )
     owned_names = [old.segments[i].name for i in owned]
-    say(
-        f"adding {task!r} ({len(data.classes)} classes, {len(data.train)} train / {len(data.val)} val) to "
-        f"{old.name} v{old.version}: own {owned_names}, {trainable:,} trainable parameters "
-        f"({trainable / max(sum(p.numel() for p in net.parameters()), 1):.1%} of the new model); init "
-        + (f"from {donor!r}'s variants" if cfg.init == "stem" else "from scratch")
-        + (
-            f" (nearest-class-mean probe: {', '.join(f'{t} {a:.3f}' for t, a in probe.items())})"
-            if probe
-            else ""
-        )
-    )
-
-    t2 = time.perf_counter()
-    device = _device(cfg.device)
-    val, best_step = train_new_task(
-        net, task, modules, data, train_tf, eval_tf, cfg, optimizer, device, progress, say
-    )
-    net.cpu()
-    times["train_s"] = time.perf_counter() - t2
-
-    # the other tasks did not move: parameters, buffers (BatchNorm statistics) and logits, bit for bit
-    state = net.state_dict()
-    moved = [k for k, v in frozen.items() if not torch.equal(state[k], v)]
-    after = reference_logits(net, old_tasks, old.input.size)
-    changed = [t for t in old_tasks if not torch.equal(before[t], after[t])]
-    if moved or changed:
-        raise RuntimeError(f"add-task changed other tasks: tensors {moved[:5]}, logits of {changed}")
 
     t3 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -573,7 +622,7 @@ def add_task(
         owned=owned_names,
         new_files=new_files,
         unchanged_files=len(keep),
-        trainable_params=trainable,
+        trainable_params=ext.trainable,
         others_bit_identical=True,
         timings=times,
     )

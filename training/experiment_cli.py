@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-only", action="store_true", help="rewrite table.md and plot.png from results.json"
     )
+    from training import add_task_experiment  # issue 14; no torch at import
+
+    help_add = "leave-one-out: a domain added to a trunk trained without it vs joint vs independent"
+    add_task_experiment.add_arguments(sub.add_parser("add-task", help=help_add, description=help_add))
 
 
 def settings_from(args: argparse.Namespace) -> dict:
@@ -130,6 +134,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.experiment == "add-task":
+        from training.add_task_experiment import run as run_add_task
+
+        return run_add_task(args)
     from training.experiment_report import write_report
 
     out: Path = args.out
