@@ -136,8 +136,18 @@ class Manifest(_Frozen):
 
     def write(self, bundle_dir: str | Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_FILE
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        path.write_text(self.model_dump_json(indent=2, exclude=self._unset_precision()) + "\n")
         return path
+
+    def _unset_precision(self) -> dict:
+        """The reduced-precision fields left out while at their defaults (fp32, no report), so that an
+        fp32 bundle's manifest still reads in servers older than them (they refuse unknown fields)."""
+        segments = {
+            i: {"variants": {vid: {"precision"} for vid, v in seg.variants.items() if v.precision == "fp32"}}
+            for i, seg in enumerate(self.segments)
+        }
+        unset = {"reduced_precision": True} if self.reduced_precision is None else {}
+        return {"segments": segments} | unset
 
 
 def _loc(loc: tuple) -> str:

@@ -90,14 +90,16 @@ def test_fp16_files_keep_float32_io(fp16_bundle: Path):
     assert all(a.agreement > 90 for a in m.reduced_precision.tasks.values())
 
 
-def test_old_manifest_without_precision_reads_as_fp32(tiny_bundle: Path):
-    data = json.loads((tiny_bundle / "manifest.json").read_text())
-    for seg in data["segments"]:
-        for spec in seg["variants"].values():
-            spec.pop("precision", None)
-    data.pop("reduced_precision", None)
-    m = Manifest.model_validate(data)
+def test_fp32_manifest_leaves_the_new_fields_out(tiny_bundle: Path, int8_bundle: Path):
+    """An fp32 bundle's manifest has no precision fields (servers older than them refuse unknown
+    fields) and reads as fp32; a reduced one writes them and reads back equal."""
+    text = (tiny_bundle / "manifest.json").read_text()
+    assert '"precision"' not in text and "reduced_precision" not in text
+    m = Manifest.model_validate(json.loads(text))
     assert m.precisions == {"fp32"} and m.reduced_precision is None
+    m8 = Manifest.read(int8_bundle)
+    assert (int8_bundle / "manifest.json").read_text().count('"precision": "int8"') == 8  # 7 files + report
+    assert Manifest.model_validate(json.loads((int8_bundle / "manifest.json").read_text())) == m8
 
 
 def test_accuracy_drop_over_the_limit_refuses(tiny_bundle, data, tmp_path, monkeypatch, capsys):
