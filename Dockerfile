@@ -1,17 +1,25 @@
-# syntax=docker/dockerfile:1.7
-#
 # mtserve images, one multi-stage file. Build from the repository root:
 #
 #   docker build --target serve     -t mtserve:0.1.0        .   # CPU server (onnxruntime, no torch)
 #   docker build --target serve-gpu -t mtserve:0.1.0-gpu    .   # CUDA server (onnxruntime-gpu)
 #   docker build --target train     -t mtserve-train:0.1.0  .   # torch (CPU wheels) + timm: train/export
 #
-# The servers read their bundle from /models/bundle (mount it there, read-only) and listen on
-# 0.0.0.0:8000. Every server setting is an MTSERVE_* environment variable (service/settings.py).
+# Needs BuildKit (`COPY --chmod`, `RUN --mount`): Docker 23+ uses it by default; Docker 20.10-22
+# needs DOCKER_BUILDKIT=1. There is deliberately no `# syntax=` line: the Dockerfile frontend
+# built into the engine is used, so offline and mirrored sites build without pulling
+# docker/dockerfile from Docker Hub.
+#
+# The servers read their bundle from MTSERVE_BUNDLE (default /models/bundle: mount it there,
+# read-only) and listen on MTSERVE_HOST:MTSERVE_PORT (0.0.0.0:8000). Every server setting is an
+# MTSERVE_* environment variable (service/settings.py); CMD passes no flags, so `docker run -e`
+# and compose/Kubernetes `environment:` take effect.
+#
+# Dependencies are pinned by deploy/docker/constraints.txt (generated from pyproject.toml; see
+# docs/deploy.md, "Dependency lock"): the same versions on every build.
 #
 # Layer caching: each image first installs the dependencies listed in pyproject.toml (only
-# pyproject.toml is copied for that step), then installs the mtserve wheel without
-# dependencies. Editing code rebuilds only the small last layers.
+# pyproject.toml and the lock are copied for that step), then installs the mtserve wheel
+# without dependencies. Editing code rebuilds only the small last layers.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # onnxruntime-gpu >= 1.27 on PyPI is built against CUDA 13.x + cuDNN 9.x (its `cuda` extra
@@ -25,8 +33,10 @@ ARG ORT_GPU_VERSION=1.31.1
 # CPU-only torch wheels (about 0.2 GB instead of several GB of CUDA libraries).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-# Non-root user shared by every image: a volume written by `train` is readable by `serve`.
+# Non-root user and group shared by every image (both 10001, both with a passwd/group entry): a
+# volume written by `train` is readable by `serve`.
 ARG APP_UID=10001
+ARG APP_GID=10001
 
 # ---------------------------------------------------------------------------------------------
 # base: a Python with a virtual environment at /opt/venv and a tool that turns pyproject.toml
@@ -34,12 +44,15 @@ ARG APP_UID=10001
 # built before any code is copied.
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base
+# ORT_DISABLE_TELEMETRY: onnxruntime's telemetry stays off in every process of the image (the
+# server also calls onnxruntime.disable_telemetry_events() at start-up).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    ORT_DISABLE_TELEMETRY=1
 RUN python -m venv /opt/venv
 COPY --chmod=0755 deploy/docker/requirements_from_pyproject.py /usr/local/bin/requirements-from-pyproject
 WORKDIR /src
@@ -49,6 +62,7 @@ WORKDIR /src
 # ---------------------------------------------------------------------------------------------
 FROM base AS wheel
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY models ./models
 COPY service ./service
 COPY training ./training
@@ -59,27 +73,31 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # ---------------------------------------------------------------------------------------------
 FROM base AS serve
 ARG APP_UID
-COPY pyproject.toml /tmp/pyproject.toml
+ARG APP_GID
+COPY pyproject.toml deploy/docker/constraints.txt /tmp/
 RUN requirements-from-pyproject /tmp/pyproject.toml serve > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt /tmp/pyproject.toml
+    && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
+    && rm /tmp/requirements.txt /tmp/constraints.txt /tmp/pyproject.toml
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps /wheels/*.whl
-RUN useradd --system --uid "${APP_UID}" --user-group --home-dir /nonexistent --no-create-home \
+RUN groupadd --system --gid "${APP_GID}" mtserve \
+    && useradd --system --uid "${APP_UID}" --gid "${APP_GID}" --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin mtserve \
     && mkdir -p /models \
-    && chown "${APP_UID}:${APP_UID}" /models
+    && chown "${APP_UID}:${APP_GID}" /models
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/mtserve-healthcheck
 WORKDIR /models
-USER ${APP_UID}:${APP_UID}
-ENV MTSERVE_HOST=0.0.0.0 \
+USER ${APP_UID}:${APP_GID}
+ENV MTSERVE_BUNDLE=/models/bundle \
+    MTSERVE_HOST=0.0.0.0 \
     MTSERVE_PORT=8000
 EXPOSE 8000
 # Liveness only (/healthz). Readiness (/readyz) is for load balancers: Kubernetes probes it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/usr/local/bin/mtserve-healthcheck"]
 ENTRYPOINT ["mtserve"]
-CMD ["serve", "/models/bundle", "--host", "0.0.0.0"]
+# No flags: flags win over MTSERVE_* variables, so every setting stays an environment variable.
+CMD ["serve"]
 
 # ---------------------------------------------------------------------------------------------
 # serve-gpu: the same server on NVIDIA's CUDA + cuDNN runtime image with onnxruntime-gpu.
@@ -87,6 +105,7 @@ CMD ["serve", "/models/bundle", "--host", "0.0.0.0"]
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS serve-gpu
 ARG APP_UID
+ARG APP_GID
 ARG ORT_GPU_VERSION
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -95,7 +114,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    ORT_DISABLE_TELEMETRY=1
 # Package versions come from the pinned base image's Ubuntu release; pinning each apt package
 # too would break the build on every Ubuntu security update.
 # hadolint ignore=DL3008
@@ -104,30 +124,33 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 COPY --chmod=0755 deploy/docker/requirements_from_pyproject.py /usr/local/bin/requirements-from-pyproject
-COPY pyproject.toml /tmp/pyproject.toml
+COPY pyproject.toml deploy/docker/constraints.txt /tmp/
 # The `gpu` extra lists onnxruntime-gpu (never together with onnxruntime: both install the
-# module `onnxruntime`); the constraint pins the release that matches CUDA_IMAGE.
+# module `onnxruntime`); ORT_GPU_VERSION replaces the lock's onnxruntime-gpu pin, to match CUDA_IMAGE.
 RUN requirements-from-pyproject /tmp/pyproject.toml gpu > /tmp/requirements.txt \
-    && echo "onnxruntime-gpu==${ORT_GPU_VERSION}" > /tmp/constraints.txt \
-    && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
-    && rm /tmp/requirements.txt /tmp/constraints.txt /tmp/pyproject.toml
+    && grep -v '^onnxruntime-gpu==' /tmp/constraints.txt > /tmp/gpu-constraints.txt \
+    && echo "onnxruntime-gpu==${ORT_GPU_VERSION}" >> /tmp/gpu-constraints.txt \
+    && pip install -r /tmp/requirements.txt -c /tmp/gpu-constraints.txt \
+    && rm /tmp/requirements.txt /tmp/constraints.txt /tmp/gpu-constraints.txt /tmp/pyproject.toml
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps /wheels/*.whl
-RUN useradd --system --uid "${APP_UID}" --user-group --home-dir /nonexistent --no-create-home \
+RUN groupadd --system --gid "${APP_GID}" mtserve \
+    && useradd --system --uid "${APP_UID}" --gid "${APP_GID}" --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin mtserve \
     && mkdir -p /models \
-    && chown "${APP_UID}:${APP_UID}" /models
+    && chown "${APP_UID}:${APP_GID}" /models
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/mtserve-healthcheck
 WORKDIR /models
-USER ${APP_UID}:${APP_UID}
-ENV MTSERVE_HOST=0.0.0.0 \
+USER ${APP_UID}:${APP_GID}
+ENV MTSERVE_BUNDLE=/models/bundle \
+    MTSERVE_HOST=0.0.0.0 \
     MTSERVE_PORT=8000 \
     MTSERVE_DEVICE=cuda
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/mtserve-healthcheck"]
 ENTRYPOINT ["mtserve"]
-CMD ["serve", "/models/bundle", "--host", "0.0.0.0", "--device", "cuda"]
+CMD ["serve"]
 
 # ---------------------------------------------------------------------------------------------
 # train: torch (CPU wheels) + timm + onnx exporter. Builds bundles, e.g. the demo bundle:
@@ -135,28 +158,32 @@ CMD ["serve", "/models/bundle", "--host", "0.0.0.0", "--device", "cuda"]
 # ---------------------------------------------------------------------------------------------
 FROM base AS train
 ARG APP_UID
+ARG APP_GID
 ARG TORCH_INDEX_URL
-COPY pyproject.toml /tmp/pyproject.toml
+COPY pyproject.toml deploy/docker/constraints.txt /tmp/
 # torch/torchvision first, from the CPU index; the rest (timm, onnx, ...) from PyPI. The
 # pyproject bound `torch<=X` matches `X+cpu` (local version labels are ignored when comparing).
 # `serve` too: the exporter checks every ONNX file against torch in onnxruntime.
 # animal-mnist (one of the demo data sources) is installed without its dependencies, as
 # scripts/serve-demo.sh does.
+# The lock pins torch==X: that matches the CPU index's X+cpu (a local version label is ignored
+# when the pin has none), and the second step keeps it instead of pulling CUDA torch from PyPI.
 RUN requirements-from-pyproject /tmp/pyproject.toml train --only torch torchvision > /tmp/torch.txt \
-    && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
+    && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt -c /tmp/constraints.txt \
     && requirements-from-pyproject /tmp/pyproject.toml train serve > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && pip install --no-deps "animal-mnist==0.4" \
-    && rm /tmp/torch.txt /tmp/requirements.txt /tmp/pyproject.toml
+    && rm /tmp/torch.txt /tmp/requirements.txt /tmp/constraints.txt /tmp/pyproject.toml
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps /wheels/*.whl
-RUN useradd --system --uid "${APP_UID}" --user-group --create-home --home-dir /home/mtserve \
+RUN groupadd --system --gid "${APP_GID}" mtserve \
+    && useradd --system --uid "${APP_UID}" --gid "${APP_GID}" --create-home --home-dir /home/mtserve \
         --shell /usr/sbin/nologin mtserve \
     && mkdir -p /models /work \
-    && chown "${APP_UID}:${APP_UID}" /models /work
+    && chown "${APP_UID}:${APP_GID}" /models /work
 COPY training/configs /opt/mtserve/training/configs
 COPY --chmod=0755 deploy/docker/build-demo-bundle.sh /usr/local/bin/build-demo-bundle
 WORKDIR /work
-USER ${APP_UID}:${APP_UID}
+USER ${APP_UID}:${APP_GID}
 ENTRYPOINT []
 CMD ["build-demo-bundle", "/models/bundle"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 
 from service.settings import Settings
 
@@ -57,7 +58,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def disable_onnxruntime_telemetry() -> None:
+    """A server must not phone home. ORT_DISABLE_TELEMETRY is read when onnxruntime is imported (the
+    telemetry client starts then): set it first, unless the operator set it; then turn events off."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
+
+
 def run(args: argparse.Namespace) -> int:
+    disable_onnxruntime_telemetry()  # before service.app imports onnxruntime
     import uvicorn
 
     from service.app import create_app

@@ -22,6 +22,18 @@ if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
     exit 1
 fi
 
+# Check that OUT's parent is writable *before* minutes of training, not at export. A host
+# directory bind-mounted at /models is often owned by root while the image runs as 10001:10001.
+PARENT="$(dirname "$OUT")"
+PROBE="$PARENT/.build-demo-bundle.probe.$$"
+if ! { mkdir -p "$PARENT" && touch "$PROBE"; } 2>/dev/null; then
+    echo "build-demo-bundle: cannot write to $PARENT as uid $(id -u) gid $(id -g); nothing was trained." >&2
+    echo "  Fix: make it writable by that user, e.g. on the host: sudo chown $(id -u):$(id -g) <the directory mounted at $PARENT>" >&2
+    echo "  or use a named volume (compose's default \`models\`), which Docker creates with the image's owner." >&2
+    exit 1
+fi
+rm -f "$PROBE"
+
 WORK="${MTSERVE_WORK:-$(mktemp -d)}"
 mkdir -p "$WORK"
 cleanup() { [ -n "${MTSERVE_WORK:-}" ] || rm -rf "$WORK"; }
