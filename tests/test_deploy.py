@@ -7,6 +7,7 @@ files agree with each other and with the server (ports, paths, probes, labels, m
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -121,9 +122,86 @@ def test_dockerfile_targets() -> None:
         assert user and not re.search(r"USER\s+(root|0)\b", user[-1]), f"{target} runs as root"
         assert "HEALTHCHECK" in text and "mtserve-healthcheck" in text
         assert "EXPOSE 8000" in text
-        assert "/models/bundle" in stages[target][-1], "CMD serves the documented bundle path"
+        # Settings come from the environment: the bundle path is MTSERVE_BUNDLE, and CMD passes no
+        # flags (flags win over MTSERVE_* variables, so a flag in CMD would silently ignore them).
+        assert re.search(r"ENV .*MTSERVE_BUNDLE=/models/bundle", text), target
+        assert stages[target][-1] == 'CMD ["serve"]', stages[target][-1]
     assert "/healthz" in (DEPLOY / "docker/healthcheck.py").read_text()
     assert "nvidia/cuda" in DOCKERFILE.read_text() and "cudnn-runtime" in DOCKERFILE.read_text()
+
+
+def test_dockerfile_needs_no_frontend_image() -> None:
+    """No `# syntax=` line: the engine's built-in BuildKit frontend builds it, offline too."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.I | re.M)
+    assert "BuildKit" in text and "BuildKit" in (ROOT / "docs/deploy.md").read_text()
+
+
+def test_images_user_and_group_10001() -> None:
+    """uid and gid 10001 both have an entry (groupadd --gid), and every image runs as them."""
+    text = DOCKERFILE.read_text()
+    assert "ARG APP_UID=10001" in text and "ARG APP_GID=10001" in text
+    assert "--user-group" not in text, "useradd --user-group picks a system gid (999), not 10001"
+    stages = dockerfile_stages()
+    for target in ("serve", "serve-gpu", "train"):
+        lines = stages[target]
+        create = next(line for line in lines if "useradd" in line)
+        assert 'groupadd --system --gid "${APP_GID}" mtserve' in create, target
+        assert '--uid "${APP_UID}" --gid "${APP_GID}"' in create, target
+        assert [line for line in lines if line.startswith("USER ")][-1] == "USER ${APP_UID}:${APP_GID}", (
+            target
+        )
+
+
+def test_onnxruntime_telemetry_off_in_images() -> None:
+    stages = dockerfile_stages()
+    for target in ("base", "serve-gpu"):
+        assert any("ORT_DISABLE_TELEMETRY=1" in line for line in stages[target] if line.startswith("ENV")), (
+            target
+        )
+
+
+def test_serve_cli_disables_onnxruntime_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mtserve serve` turns onnxruntime's telemetry off before it builds the app."""
+    ort = pytest.importorskip("onnxruntime")
+    import service.serve_cli as serve_cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append("off"))
+
+    def stop(*_a, **_k):
+        raise SystemExit("stop before the server starts")
+
+    monkeypatch.setattr("service.app.create_app", stop)
+    monkeypatch.setenv("MTSERVE_BUNDLE", "/nonexistent/bundle")
+    monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "")  # recorded, so the test's own change is undone
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY")
+    args = argparse.ArgumentParser()
+    serve_cli.add_arguments(args)
+    with pytest.raises(SystemExit):
+        serve_cli.run(args.parse_args([]))
+    assert calls == ["off"]
+    # The variable is read when onnxruntime is first imported: set for a server started from a
+    # plain pip install too (the images set it in their ENV).
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+def test_serve_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mtserve serve` with no positional takes the bundle (and host, port...) from MTSERVE_*, as
+    the images' CMD ["serve"] relies on; a flag, when given, still wins."""
+    pytest.importorskip("pydantic_settings")
+    from service.serve_cli import add_arguments, settings_from
+
+    monkeypatch.setenv("MTSERVE_BUNDLE", "/srv/models/bundle")
+    monkeypatch.setenv("MTSERVE_HOST", "127.0.0.2")
+    monkeypatch.setenv("MTSERVE_PORT", "8080")
+    monkeypatch.setenv("MTSERVE_MAX_BATCH_SIZE", "7")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = settings_from(parser.parse_args([]))
+    assert (str(s.bundle), s.host, s.port, s.max_batch_size) == ("/srv/models/bundle", "127.0.0.2", 8080, 7)
+    s = settings_from(parser.parse_args(["/other/bundle", "--port", "9000"]))
+    assert (str(s.bundle), s.port) == ("/other/bundle", 9000)
 
 
 def test_dependency_layers_before_code() -> None:
@@ -142,9 +220,23 @@ def test_dependency_layers_before_code() -> None:
                 assert "pyproject.toml" in line or "deploy/docker/" in line, line
     # The exporter verifies ONNX against torch in onnxruntime: the train image needs `serve` too.
     assert any("pyproject.toml train serve" in line for line in stages["train"])
-    wheel = "\n".join(stages["wheel"])
-    for pkg in ("models", "service", "training"):
-        assert f"COPY {pkg} " in wheel
+    # The wheel stage copies every package pyproject.toml ships, and nothing else of the code.
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in include["include"]}
+    copied = {m.group(1) for line in stages["wheel"] if (m := re.match(r"COPY (\w+) \./\1$", line))}
+    assert copied == packages, (copied, packages)
+    for pkg in packages:
+        assert (ROOT / pkg / "__init__.py").is_file(), pkg
+    # Every dependency install is pinned by the lock.
+    for target in ("serve", "serve-gpu", "train"):
+        installs = [line for line in stages[target] if "pip install -r" in line]
+        assert installs, target
+        for line in installs:
+            for cmd in line.split("&&"):
+                if "pip install -r" in cmd:
+                    assert re.search(r"-c /tmp/(gpu-)?constraints\.txt", cmd), (target, cmd)
 
 
 def test_gpu_base_matches_onnxruntime_gpu() -> None:
@@ -286,7 +378,9 @@ def test_deployment_probes_ports_and_scrape() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert "/models/bundle" in container["args"]
+    assert container["args"] == ["serve"], "no flags: they would override the MTSERVE_* variables"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MTSERVE_BUNDLE"] == "/models/bundle" and env["MTSERVE_PORT"] == str(port)
     (deploy,) = k8s_docs(K8S / "base/deployment.yaml")
     annotations = deploy["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(port)
@@ -333,7 +427,8 @@ def test_gpu_overlay() -> None:
     (patch,) = [d for d in k8s_docs(K8S / "overlays/gpu/deployment-gpu.yaml")]
     (container,) = patch["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert "cuda" in container["args"]
+    assert "args" not in container, "the base's flag-free args apply"
+    assert {"name": "MTSERVE_DEVICE", "value": "cuda"} in container["env"]
 
 
 @pytest.mark.skipif(not (shutil.which("kustomize") or shutil.which("kubectl")), reason="no kustomize/kubectl")
@@ -389,3 +484,166 @@ def test_demo_bundle_script_flow(tmp_path: Path) -> None:
     (broken / "junk").write_text("x")
     proc = subprocess.run(["sh", script, str(broken)], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "refusing" in proc.stderr
+
+
+def test_demo_bundle_script_checks_writable_before_training(tmp_path: Path) -> None:
+    """An unwritable /models is reported at once, with the fix, before any training (not at export)."""
+    stub = tmp_path / "bin/mtserve"
+    stub.parent.mkdir()
+    log = tmp_path / "calls.log"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stub.parent}:/usr/bin:/bin")
+    script = str(DEPLOY / "docker/build-demo-bundle.sh")
+    # The parent of OUT cannot be created (a file is in the way): the same refusal as a root-owned
+    # bind mount, and it also holds when the tests run as root (which writes through mode 0555).
+    (tmp_path / "models").write_text("not a directory")
+    proc = subprocess.run(
+        ["sh", script, str(tmp_path / "models/bundle")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "cannot write to" in proc.stderr and "chown" in proc.stderr, proc.stderr
+    assert not log.exists(), "nothing may run before the check"
+    if os.geteuid() != 0:
+        models = tmp_path / "ro"
+        models.mkdir(mode=0o555)
+        proc = subprocess.run(["sh", script, str(models / "bundle")], env=env, capture_output=True, text=True)
+        assert proc.returncode == 1 and "cannot write to" in proc.stderr
+        assert not log.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# dependency lock
+# ---------------------------------------------------------------------------------------------
+LOCK = DEPLOY / "docker/constraints.txt"
+LOCK_COMMAND = (
+    "uv pip compile pyproject.toml --universal --python-version 3.11 --extra serve --extra gpu "
+    "--extra train -o deploy/docker/constraints.txt"
+)
+
+
+def lock_pins() -> dict[str, list[str]]:
+    """Normalized name -> the versions pinned (one per Python-version marker)."""
+    pins: dict[str, list[str]] = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            m = re.match(r"([A-Za-z0-9._-]+)==([^\s;]+)", line)
+            assert m, f"not an exact pin: {line!r}"
+            pins.setdefault(rfp.requirement_name(m.group(1)), []).append(m.group(2))
+    return pins
+
+
+def test_lock_pins_every_image_dependency() -> None:
+    """deploy/docker/constraints.txt pins every dependency of the images, within pyproject's ranges,
+    and names the one command that regenerates it (also in docs/deploy.md)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    assert LOCK_COMMAND in LOCK.read_text().splitlines()[1]
+    assert LOCK_COMMAND in (ROOT / "docs/deploy.md").read_text()
+    pins = lock_pins()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for extras in (["serve"], ["gpu"], ["train", "serve"]):
+        for spec in rfp.requirements(pyproject, extras):
+            req = Requirement(spec)
+            name = rfp.requirement_name(spec)
+            assert name in pins, f"{name} ({extras}) is not in the lock: run `{LOCK_COMMAND}`"
+            for version in pins[name]:
+                assert req.specifier.contains(version, prereleases=True), (
+                    f"the lock's {name}=={version} is outside pyproject's {req.specifier}: "
+                    f"run `{LOCK_COMMAND}`"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# compose limits
+# ---------------------------------------------------------------------------------------------
+def test_compose_has_no_hard_cpu_cap() -> None:
+    """`cpus: N` makes `up` fail on a host with fewer CPUs, and `config -q` cannot catch it."""
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        services = yaml.safe_load((DEPLOY / name).read_text())["services"]
+        for svc_name, svc in services.items():
+            assert "cpus" not in svc and "cpuset" not in svc, f"{name}: {svc_name}"
+            limits = svc.get("deploy", {}).get("resources", {}).get("limits", {})
+            assert "cpus" not in limits, f"{name}: {svc_name}"
+    assert "cpu_shares" in compose()["services"]["bundle-builder"]
+    gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]["mtserve"]
+    assert "command" not in gpu, "the image's flag-free CMD, with MTSERVE_DEVICE=cuda from the environment"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus rules
+# ---------------------------------------------------------------------------------------------
+RULES = DEPLOY / "prometheus/rules/mtserve.rules.yml"
+RULE_TESTS = DEPLOY / "prometheus/rules/mtserve.rules.test.yml"
+
+
+def test_prometheus_loads_the_rules() -> None:
+    """prometheus.yml's rule_files (relative to it) match the rule file, compose mounts them, and the
+    alerts an operator expects are there, on metrics the server exports."""
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    matched = {p for pattern in prom["rule_files"] for p in (DEPLOY / "prometheus").glob(pattern)}
+    assert matched == {RULES}, matched
+    assert "./prometheus/rules:/etc/prometheus/rules:ro" in compose()["services"]["prometheus"]["volumes"]
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    for name in (
+        "MtserveTargetDown",
+        "MtserveHighErrorRatio",
+        "MtserveQueueGrowing",
+        "MtserveP99OverDeadline",
+    ):
+        assert name in alerts, name
+        assert alerts[name]["labels"]["severity"] in {"warning", "critical"}
+        assert alerts[name]["annotations"]["summary"]
+    records = {r["record"] for r in rules if "record" in r}
+    for r in rules:
+        used = set(re.findall(r"\bmtserve_\w+", re.sub(r"\w+:\w+:\w+", "", r["expr"])))
+        assert used <= DESIGN_SAMPLES, (r.get("alert") or r.get("record"), used - DESIGN_SAMPLES)
+        assert set(re.findall(r"\b\w+:\w+:\w+\b", r["expr"])) <= records
+    # The deadline alert uses the server's default deadline, on a latency bucket boundary.
+    from service.metrics import LATENCY_BUCKETS
+    from service.settings import Settings
+
+    deadline_s = Settings.model_fields["timeout_ms"].default / 1000
+    assert f"> {deadline_s:g}" in alerts["MtserveP99OverDeadline"]["expr"]
+    assert deadline_s in LATENCY_BUCKETS and max(LATENCY_BUCKETS) > deadline_s
+
+
+def test_prometheus_rules_promql_parses() -> None:
+    promql_parser = pytest.importorskip("promql_parser")
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            promql_parser.parse(rule["expr"])
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="no promtool (apt-get install prometheus)")
+def test_promtool_check_and_test_rules() -> None:
+    out = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "1 rule files found" in out.stdout + out.stderr, out.stdout + out.stderr
+    out = subprocess.run(
+        ["promtool", "test", "rules", RULE_TESTS.name],
+        cwd=RULE_TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    tested = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
+    alerts = {
+        r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
+    }
+    assert alerts <= tested, f"alerts without a unit test: {alerts - tested}"
