@@ -211,3 +211,97 @@ def test_remove_task_round_trip(trained, added, tmp_path):
     assert net.task_names == list(TINY_TASKS)
     with pytest.raises(UserError, match="not in"):
         remove_task(back, "colors", tmp_path / "v4", log=lambda *_: None)
+
+
+# -- hot add on a running server ------------------------------------------------------------------
+
+TOKEN = "add-task-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def v2_body(seed: int) -> dict:
+    x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    return {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+
+
+def test_hot_add_under_load_fails_no_request(trained, added, tmp_path):
+    """A real server serves v1; concurrent /predict and /v2 clients run while v2 (v1 + colors) is
+    reloaded: every answer 200, the old tasks' answers bit-identical, the new task served and listed
+    in /tasks, /v2 and the metrics; the unchanged files' sessions are reused."""
+    import asyncio
+    import re
+    import time
+
+    import httpx
+
+    from tests.serving import png, serve
+
+    out, _ = added
+    models = tmp_path / "models"
+    shutil.copytree(trained, models / "v1")
+    shutil.copytree(out, models / "v2")
+    env = {"MTSERVE_ADMIN_TOKEN": TOKEN, "MTSERVE_MAX_WAIT_MS": "2"}
+    args = ("--threads", "1", "--max-batch-size", "16")
+    results: list[tuple[float, float, str, int, str]] = []
+    with serve(models / "v1", *args, env=env, log=tmp_path / "server.log") as (_proc, url, log):
+
+        def answers(client: httpx.Client) -> dict:
+            return {
+                t: client.post(f"/v2/models/{t}/infer", json=v2_body(7)).json()["outputs"] for t in TINY_TASKS
+            }
+
+        with httpx.Client(base_url=url, timeout=30) as client:
+            before = answers(client)
+        image = png(1)
+
+        async def worker(client: httpx.AsyncClient, w: int, stop: asyncio.Event, tasks: list[str]) -> None:
+            i = 0
+            while not stop.is_set():
+                task = tasks[(w + i) % len(tasks)]
+                sent = time.monotonic()
+                if i % 2:
+                    r = await client.post(f"/v2/models/{task}/infer", json=v2_body(i % 3))
+                else:
+                    r = await client.post(
+                        f"/predict/{task}", content=image, headers={"content-type": "image/png"}
+                    )
+                version = r.json().get("model_version", "?") if r.status_code == 200 else r.text
+                results.append((sent, time.monotonic(), task, r.status_code, version))
+                i += 1
+
+        async def scenario() -> httpx.Response:
+            stop = asyncio.Event()
+            tasks = list(TINY_TASKS)
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                workers = [asyncio.create_task(worker(client, w, stop, tasks)) for w in range(4)]
+                await asyncio.sleep(0.5)
+                reload = await client.post("/admin/reload", json={"bundle": "v2"}, headers=AUTH)
+                tasks.append("colors")  # the workers send the new task too from now on
+                await asyncio.sleep(0.5)
+                stop.set()
+                await asyncio.gather(*workers)
+            return reload
+
+        reload = asyncio.run(scenario())
+        assert reload.status_code == 200, reload.text
+        assert reload.json()["version"] == "1+colors"
+        bad = [r for r in results if r[3] != 200]
+        assert not bad, bad[:5]
+        assert {r[4] for r in results} == {"1", "1+colors"}
+        assert any(r[2] == "colors" for r in results)
+
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert answers(client) == before  # bit-identical: the same JSON floats
+            listed = [t["name"] for t in client.get("/tasks").json()["tasks"]]
+            assert listed == [*TINY_TASKS, "colors"]
+            assert client.get("/v2/models/colors").status_code == 200
+            assert client.get("/v2/models/colors/ready").status_code == 200
+            r = client.post("/v2/models/colors/infer", json=v2_body(0))
+            assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [2, 3]
+            metrics = client.get("/metrics").text
+            assert re.search(r'mtserve_requests_total\{code="200",task="colors"\} [1-9]', metrics)
+            assert 'mtserve_request_duration_seconds_count{task="colors"}' in metrics
+        text = log.read_text()
+        assert "reload: now serving tiny 1+colors" in text
