@@ -499,7 +499,7 @@ def extend_network(
         f"adding {task!r} ({len(data.classes)} classes, {len(data.train)} train / {len(data.val)} val): "
         f"own {owned_names}, {trainable:,} trainable parameters "
         f"({trainable / max(sum(p.numel() for p in net.parameters()), 1):.1%} of the new model); init "
-        + (f"from {donor!r}'s variants" if cfg.init == "stem" else "from scratch")
+        + (f"from the variants of {donor!r}" if cfg.init == "stem" else "from scratch")
         + (f" (nearest-class-mean probe: {probed})" if probe else "")
     )
 
