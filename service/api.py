@@ -6,8 +6,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.inputs import read_images
-from service.runtime import Service, top_k
+from service.postprocess import top_k
 from service.schemas import ErrorResponse, PredictResponse, TaskInfo, TaskList
+from service.server_state import Service
 
 router = APIRouter()
 ERRORS = {c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 429, 503, 504)}

@@ -18,11 +18,11 @@ from pydantic import BaseModel
 from starlette.routing import Route
 
 from contract.bundle import load_bundle
-from service import admin, api, errors, v2
-from service.edge import Edge
+from service import admin, api, errors, oip
 from service.engine import Engine, OrtEngine
-from service.runtime import Service
+from service.outer_layer import OuterLayer
 from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
+from service.server_state import Service
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
@@ -45,11 +45,12 @@ def build_engine(settings: Settings, path: Path | None = None) -> Engine:
 
 
 class App(FastAPI):
-    """FastAPI with :class:`service.edge.Edge` around its whole middleware stack (error handlers,
+    """FastAPI with :class:`service.outer_layer.OuterLayer` around its whole middleware stack (error handlers,
     routing): load shedding, deadlines, the body limit and request metrics come first, in one layer."""
 
     def build_middleware_stack(self):
-        return Edge(super().build_middleware_stack(), self.state.service)
+        s = self.state.service
+        return OuterLayer(super().build_middleware_stack(), s.admission, s.metrics, s.settings.max_body_mb)
 
 
 def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
@@ -94,20 +95,20 @@ def create_app(
     app = App(
         title="mtserve",
         summary=f"Multi-task image classification: bundle {m.name} {m.version}, tasks {', '.join(m.tasks)}",
-        version=v2._version(),
+        version=oip._version(),
         lifespan=lifespan,
         telemetry={"tracing": False, "metrics": False, "logs": False},  # Prometheus is the metrics surface
     )
     app.state.service = service
     errors.install(app)
     app.include_router(api.router)
-    app.include_router(v2.router)
+    app.include_router(oip.router)
     admin_on = settings.admin_token is not None
     if admin_on:  # else /admin is not mounted at all: 404 like any unknown path
         app.include_router(admin.router)
     log.info("admin API %s", f"on, model dir {settings.models_root()}" if admin_on else "off (no token)")
     # the tensor route again as a plain Starlette route, matched first: FastAPI's per-request
     # parameter solving costs more than the route itself (OpenAPI documents the FastAPI one)
-    app.router.routes[:0] = [Route(path, v2.infer_endpoint, methods=["POST"]) for path in v2.INFER_PATHS]
+    app.router.routes[:0] = [Route(path, oip.infer_endpoint, methods=["POST"]) for path in oip.INFER_PATHS]
     _document_bodies(app, (PredictJSON, V2InferRequest) + ((ReloadRequest,) if admin_on else ()))
     return app

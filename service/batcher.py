@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from contract.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
-from contract.plan import group_rows
+from contract.errors import ClientClosed, DeadlineExceeded, NotReady
+from service.admission import queue_full
 from service.engine import Engine, SegmentRun
+from service.postprocess import softmax_rows
 
 log = logging.getLogger("mtserve.batcher")
 
@@ -125,20 +126,6 @@ def collect(
     return batch
 
 
-def softmax_rows(logits: Sequence[np.ndarray], tasks: Sequence[str]) -> list[np.ndarray]:
-    """Softmax per row (rows of one task stacked: one vectorised call per task); NaN-free."""
-    out: list[np.ndarray] = [None] * len(tasks)  # type: ignore[list-item]
-    for _, rows in group_rows(tasks):
-        z = np.stack([logits[r] for r in rows]).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        z = np.nan_to_num(z, nan=0.0)
-        for j, r in enumerate(rows):
-            out[r] = z[j]
-    return out
-
-
 Observer = Callable[[Sequence[SegmentRun]], None]
 
 
@@ -177,12 +164,13 @@ class Batcher:
 
     # -- admission ----------------------------------------------------------------------------
     def submit(self, task: str, x: np.ndarray, deadline: float) -> Job:
-        """Queue a request's rows; 429 at once when the queue is full, 503 when stopping."""
+        """Queue a request's rows; 429 at once when the queue is full, 503 when stopping (the owner of
+        the queue checks again with the real row count what :class:`Admission` checked earlier)."""
         if self._stopping:
             raise NotReady("the server is shutting down")
         n = int(x.shape[0])
         if self.queued_rows + n > self.queue_size:
-            raise QueueFull(f"queue full ({self.queued_rows} of {self.queue_size} rows waiting)")
+            raise queue_full(self.queued_rows, self.queue_size)
         job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
         job.out = [None] * n
         self.queues[task].append(job)
@@ -190,15 +178,6 @@ class Batcher:
         if self._idle or self.queued_rows >= self.max_batch_size:  # else the loop is gathering
             self._wakeup.set()
         return job
-
-    def check_room(self, rows: int = 1) -> None:
-        """Admission before a request's body is read or decoded: 429 at once when ``rows`` more rows
-        would not fit, so an overloaded server sheds load for the price of the HTTP exchange alone
-        (``submit`` checks again with the real row count)."""
-        if self._stopping:
-            raise NotReady("the server is shutting down")
-        if self.queued_rows + rows > self.queue_size:
-            raise QueueFull(f"queue full ({self.queued_rows} of {self.queue_size} rows waiting)")
 
     def _abandon(self, job: Job, exc: Exception | None = None) -> bool:
         """Give up a job that has not started computing (it never will): its future gets ``exc``

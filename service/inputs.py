@@ -1,4 +1,4 @@
-"""Reading a request's images: raw body, multipart files, JSON base64 (the body limit: service/edge.py)."""
+"""Reading a request's images: raw body, multipart files, JSON base64 (body limit: service/outer_layer.py)."""
 
 from __future__ import annotations
 

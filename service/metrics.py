@@ -1,6 +1,6 @@
 """Prometheus metrics, exactly DESIGN.md §6 (prefix ``mtserve_``, base units, bounded labels).
 
-Task labels come only from the loaded manifest: the outermost ASGI layer (service/edge.py) counts a
+Task labels come only from the loaded manifest: the outermost ASGI layer (service/outer_layer.py) counts a
 request only when its path names a known task, so an unknown task never creates a label.
 Every app has its own CollectorRegistry (tests build many apps in one process).
 """

@@ -326,20 +326,27 @@ async def test_rows_keep_gathering_while_the_engine_is_busy():
     await b.stop()
 
 
-async def test_check_room_rejects_before_the_body_is_read():
-    """check_room: 429 (with Retry-After) as soon as the queue cannot take one more row; 503 when
-    stopping; no job is created either way."""
+async def test_admission_rejects_before_the_body_is_read_and_submit_agrees():
+    """Admission.check over the batcher's room: 429 (with Retry-After) as soon as the queue cannot
+    take one more row, the same error submit gives with the real row count; 503 when draining."""
+    from service.admission import Admission
+
     b, engine = make(max_batch_size=1, max_wait_ms=0, queue_size=2)
+    adm = Admission(1000, 100, lambda: (b.queued_rows, b.queue_size))
+    adm.ready = True
     engine.gate.clear()
     b.submit("digits", rows(1), far())
     await until(lambda: b.queued_rows == 0)  # running, no longer queued
-    b.check_room()
+    adm.check()
     b.submit("digits", rows(2), far())
     with pytest.raises(QueueFull) as exc:
-        b.check_room()
-    assert exc.value.headers["Retry-After"].isdigit()
+        adm.check()
+    with pytest.raises(QueueFull) as again:
+        b.submit("digits", rows(1), far())
+    assert exc.value.headers["Retry-After"].isdigit() and exc.value.message == again.value.message
     assert b.queued_rows == 2
     engine.gate.set()
     await b.stop()
+    adm.draining = True
     with pytest.raises(NotReady):
-        b.check_room()
+        adm.check()

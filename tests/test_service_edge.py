@@ -1,6 +1,7 @@
-"""The outermost ASGI layer (service/edge.py) on a fake app and a fake service: shedding (429 before
-the body is read), the deadline (504), the body limit (413), request metrics; the loop-lag meter;
-``top_indices``; the whole app on a fake engine (429 before routing, a computing request 504)."""
+"""The outermost ASGI layer (service/outer_layer.py, service/admission.py) on a fake app and a fake
+service: shedding (429 before the body is read), the deadline (504), the body limit (413), request
+metrics; the loop-lag meter; ``top_indices``; the whole app on a fake engine (429 before routing, a
+computing request 504)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 
 from contract.errors import PayloadTooLarge
+from service.admission import DEADLINE, LAG_FLOOR_S, LAG_FRACTION, Admission
 from service.app import create_app
-from service.edge import DEADLINE, LAG_FLOOR_S, LAG_FRACTION, Edge, LoopLag
+from service.loop_lag import LoopLag
 from service.metrics import Metrics
-from service.runtime import top_indices
+from service.outer_layer import OuterLayer
+from service.postprocess import top_indices
 from service.settings import Settings
 from tests.fakes import FakeEngine, fake_manifest
 
@@ -35,14 +38,20 @@ class FakeLag:
 def fake_service(**kw):
     settings = Settings(bundle="unused", **({"timeout_ms": 1000, "max_body_mb": 1} | kw))
     batcher = SimpleNamespace(queued_rows=0, queue_size=settings.queue_size)
-    return SimpleNamespace(
-        settings=settings,
-        metrics=Metrics(fake_manifest(), 8),
-        draining=False,
-        ready=True,
-        unit=SimpleNamespace(batcher=batcher),
-        lag=FakeLag(),
+    admission = Admission(
+        settings.timeout_ms,
+        settings.inflight_limit(),
+        lambda: (batcher.queued_rows, batcher.queue_size),
+        FakeLag(),
     )
+    admission.ready = True
+    return SimpleNamespace(
+        settings=settings, metrics=Metrics(fake_manifest(), 8), admission=admission, batcher=batcher
+    )
+
+
+def Edge(app, svc):
+    return OuterLayer(app, svc.admission, svc.metrics, svc.settings.max_body_mb)
 
 
 class Inner:
@@ -145,17 +154,17 @@ def test_default_inflight_limit_is_the_queue_and_two_batches():
 async def test_full_queue_and_late_loop_shed():
     svc, inner = fake_service(), Inner()
     edge = Edge(inner, svc)
-    b = svc.unit.batcher
+    b = svc.batcher
     b.queued_rows = b.queue_size
     assert_shed(*await call(edge))
     b.queued_rows = b.queue_size - 1
     assert (await call(edge))[0] == 200
-    assert edge.max_lag == max(LAG_FLOOR_S, LAG_FRACTION * svc.settings.timeout_ms / 1000)
-    svc.lag.lag = edge.max_lag * 1.5
+    assert edge.admission.max_lag == max(LAG_FLOOR_S, LAG_FRACTION * svc.settings.timeout_ms / 1000)
+    svc.admission.lag.lag = edge.admission.max_lag * 1.5
     status, headers, body, reads = await call(edge)
     assert_shed(status, headers, body, reads)
     assert "event loop" in json.loads(body)["error"]["message"]
-    svc.lag.lag = 0.0
+    svc.admission.lag.lag = 0.0
     assert (await call(edge))[0] == 200
     assert inner.calls == 2 and counted(svc, "digits", "429") == 2
 
@@ -177,15 +186,15 @@ async def test_unknown_task_is_shed_but_creates_no_series():
 async def test_loading_or_draining_is_not_shed(state):
     """The route answers 503 then (a shutdown under load answers 200 or 503, never 429)."""
     svc, inner = fake_service(max_inflight=1), Inner()
-    svc.unit.batcher.queued_rows = 10**6
-    svc.lag.lag = 100.0
-    setattr(svc, "draining" if state == "draining" else "ready", state == "draining")
+    svc.batcher.queued_rows = 10**6
+    svc.admission.lag.lag = 100.0
+    setattr(svc.admission, "draining" if state == "draining" else "ready", state == "draining")
     assert (await call(Edge(inner, svc)))[0] == 200 and inner.calls == 1
 
 
 async def test_other_routes_are_never_shed():
     svc, inner = fake_service(), Inner()
-    svc.unit.batcher.queued_rows = 10**6
+    svc.batcher.queued_rows = 10**6
     edge = Edge(inner, svc)
     for path, method in [("/tasks", "GET"), ("/metrics", "GET"), ("/predict/digits", "GET")]:
         assert (await call(edge, path, method))[0] == 200

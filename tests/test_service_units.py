@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_service_never_imports_torch():
     code = (
         "import sys; import service.app, service.serve_cli, service.engine, service.batcher, "
-        "contract.bundle, service.preprocess, service.metrics, service.v2, service.cli; "
+        "contract.bundle, service.preprocess, service.metrics, service.oip, service.cli; "
         "service.cli.build_parser(); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')); "
         "assert not bad, bad"

@@ -52,7 +52,7 @@ class OnnxChainAPI(_Base):
         return inputs
 
     def predict(self, batch):
-        from service.batcher import softmax_rows
+        from service.postprocess import softmax_rows
 
         tasks = [t for t, _ in batch]
         logits, _ = self.engine.infer(np.stack([x for _, x in batch]), tasks)
@@ -62,7 +62,7 @@ class OnnxChainAPI(_Base):
         return output
 
     def encode_response(self, output):
-        from service.runtime import top_k
+        from service.postprocess import top_k
 
         task, probs = output
         return {"task": task, "predictions": [{"top_k": top_k(probs, self.labels[task], 1)}]}

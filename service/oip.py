@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from contract.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
 from service.api import ERRORS, svc
 from service.inputs import b64decode
-from service.runtime import Service, top_indices
+from service.postprocess import v2_outputs
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
+from service.server_state import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -153,29 +154,6 @@ def requested_outputs(req: V2InferRequest) -> list[int | None]:
     return plan
 
 
-def build_outputs(plan: list[int | None], probs: list[np.ndarray], labels: list[str]) -> list[dict]:
-    p = np.stack(probs).astype(np.float32)
-    out = []
-    for k in plan:
-        if k is None:
-            out.append(
-                {
-                    "name": "probabilities",
-                    "shape": list(p.shape),
-                    "datatype": "FP32",
-                    "data": p.ravel().tolist(),
-                }
-            )
-            continue
-        idx = top_indices(p, k).tolist()
-        rows = p.tolist()  # Python floats: the same "%f" text as numpy's float32, cheaper
-        data = [f"{row[i]:f}:{i}:{labels[i]}" for row, top in zip(rows, idx, strict=True) for i in top]
-        out.append(
-            {"name": "probabilities", "shape": [p.shape[0], len(idx[0])], "datatype": "BYTES", "data": data}
-        )
-    return out
-
-
 @router.get("/health/live")
 async def live() -> dict:
     return {"live": True}
@@ -259,7 +237,7 @@ async def infer(request: Request, task: str, model_version: str | None = None) -
         if x is None:
             x = await s.preprocess(blobs)
         probs = await model.infer(task, x, request, deadline)
-    outputs = build_outputs(plan, probs, model.task(task).labels)
+    outputs = v2_outputs(plan, probs, model.task(task).labels)
     body = {"model_name": task, "model_version": model.version, "id": req.id, "outputs": outputs}
     return JSONResponse(body)
 

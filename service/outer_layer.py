@@ -2,7 +2,7 @@
 
 FastAPI's stack (error handlers, routing, parameter solving) costs the event loop far more than a
 request that is turned away should, and when the event loop itself is the bottleneck, every
-microsecond spent on a rejected request is taken from an admitted one. :class:`Edge` is the first
+microsecond spent on a rejected request is taken from an admitted one. :class:`OuterLayer` is the first
 thing a request meets (``create_app`` wraps FastAPI's whole stack in it), one pure ASGI layer:
 
 - every route: 413 for a declared ``Content-Length`` over ``max_body_mb``; a streamed body growing
@@ -10,8 +10,8 @@ thing a request meets (``create_app`` wraps FastAPI's whole stack in it), one pu
 - inference routes (``POST /predict/{task}``, ``POST /v2/models/{task}[/versions/{v}]/infer``):
 
   - shedding: 429 ``queue_full`` with ``Retry-After``, before routing and without reading the body,
-    when ``max_inflight`` inference requests are in flight, when the queue is full, or when the event
-    loop runs late by more than :data:`LAG_FRACTION` of the timeout (at least :data:`LAG_FLOOR_S`):
+    when :class:`~service.admission.Admission` says so: ``max_inflight`` inference requests in flight,
+    a full queue, or an event loop late by more than a share of the timeout:
     every admitted request needs several turns of the loop, and a loop that cannot keep up lets requests
     pile up unread in their sockets, where no admission control sees them. uvicorn discards the
     unread body of an answered request and keeps the connection alive;
@@ -28,69 +28,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from contract.errors import DeadlineExceeded, PayloadTooLarge, QueueFull
+from service.admission import DEADLINE, Admission
 from service.errors import STATUS, send_error
-from service.metrics import task_of
-
-if TYPE_CHECKING:
-    from service.runtime import Service
+from service.metrics import Metrics, task_of
 
 log = logging.getLogger("mtserve")
 
-DEADLINE = "mtserve.deadline"  # scope key: the request's deadline (time.monotonic()), set by Edge
-LAG_FRACTION = 0.02  # shed while the event loop is late by more than this share of timeout_ms,
-LAG_FLOOR_S = 0.1  # and by more than this (at saturation, not overloaded, it runs up to ~50 ms late)
 LOG_EVERY_S = 10.0  # at most one "shedding" log line per this many seconds
 RETRY_AFTER = ((b"retry-after", b"1"),)
 
 
-class LoopLag:
-    """How late the event loop runs, from a periodic timer (``interval`` s): how late it fired. Costs
-    one callback per interval."""
-
-    def __init__(self, interval: float = 0.025):
-        self.interval = interval
-        self.lag = 0.0  # lateness of the last tick (s)
-        self._due: float | None = None  # time.monotonic() the next tick is due
-        self._handle: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        if self._handle is None:
-            self._schedule(asyncio.get_running_loop())
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle, self._due, self.lag = None, None, 0.0
-
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._due = time.monotonic() + self.interval
-        self._handle = loop.call_later(self.interval, self._tick, loop)
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.lag = max(0.0, time.monotonic() - self._due)  # type: ignore[operator]
-        self._schedule(loop)
-
-    def current(self, now: float) -> float:
-        """The lag now: the last tick's, or more if the next tick is overdue already."""
-        return self.lag if self._due is None else max(self.lag, now - self._due)
-
-
-class Edge:
+class OuterLayer:
     """The ASGI middleware described above; ``app`` is FastAPI's own middleware stack."""
 
-    def __init__(self, app, service: Service):
-        settings = service.settings
+    def __init__(self, app, admission: Admission, metrics: Metrics, max_body_mb: float):
         self.app = app
-        self.service = service
-        self.metrics = service.metrics
-        self.max_body = int(settings.max_body_mb * 1024 * 1024)
-        self.timeout = settings.timeout_ms / 1000.0
-        self.max_inflight = settings.inflight_limit()
-        self.max_lag = max(LAG_FLOOR_S, LAG_FRACTION * self.timeout)
-        self.inflight = 0  # inference requests admitted and not answered yet
+        self.admission = admission
+        self.metrics = metrics
+        self.max_body = int(max_body_mb * 1024 * 1024)
+        self.timeout = admission.timeout_s
         self.shed = 0  # since the last log line
         self._logged = 0.0
         self._series: dict[tuple[str, int], tuple[object, object]] = {}
@@ -98,19 +56,9 @@ class Edge:
         self._status_504, self._code_504 = STATUS[DeadlineExceeded]
         self._status_413, self._code_413 = STATUS[PayloadTooLarge]
 
-    def overloaded(self, now: float) -> str | None:
-        """Why a new inference request must be turned away now, or None."""
-        s = self.service
-        if s.draining or not s.ready:
-            return None  # the route answers 503
-        if self.inflight >= self.max_inflight:
-            return f"overloaded: {self.max_inflight} requests in flight, the limit; retry later"
-        b = s.unit.batcher
-        if b.queued_rows >= b.queue_size:
-            return f"queue full ({b.queue_size} rows waiting, the limit); retry later"
-        if s.lag.current(now) > self.max_lag:
-            return f"overloaded: the event loop is over {self.max_lag * 1e3:.0f} ms behind; retry later"
-        return None
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
 
     def _too_large(self, headers) -> str | None:
         for key, value in headers:
@@ -172,14 +120,14 @@ class Edge:
                 status = self._status_413
                 await send_error(send, status, self._code_413, too_large)
                 return
-            reason = self.overloaded(now) if scope["method"] == "POST" else None
+            reason = self.admission.shed_reason(now) if scope["method"] == "POST" else None
             if reason is not None:
                 status = self._status_429
                 self._log_shed(now, reason)
                 await send_error(send, status, self._code_429, reason, RETRY_AFTER)
                 return
             # admitted: answered by its deadline, whatever it is waiting for
-            self.inflight += 1
+            self.admission.inflight += 1
             admitted = True
             scope[DEADLINE] = now + self.timeout
             answered = False
@@ -204,6 +152,6 @@ class Edge:
                 await send_error(send, status, self._code_504, msg)
         finally:
             if admitted:
-                self.inflight -= 1
+                self.admission.inflight -= 1
             if task in self.metrics.tasks:
                 self._count(task, status, time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """The running service: settings, the model version served, preprocessing, metrics, readiness, reload.
 
-A loaded bundle version is a :class:`ModelUnit`: its engine and its own batcher (queue + executor
+A loaded bundle version is a :class:`ServedVersion`: its engine and its own batcher (queue + executor
 thread). The service serves one *current* unit. A request resolves the current unit when it is
 admitted (``async with service.acquire(task) as model``) and keeps it until its answer is built,
 so a request admitted before a reload finishes on the old version and one admitted after it runs
@@ -16,164 +16,32 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from fastapi import Request
 
 from contract.errors import (
     BundleError,
     Conflict,
-    DeadlineExceeded,
     Forbidden,
-    IncompatibleBundle,
     NotReady,
     ServiceError,
     UnknownTask,
 )
 from contract.manifest import Manifest, TaskSpec
+from service.admission import Admission
 from service.batcher import Batcher
-from service.edge import DEADLINE, LoopLag
 from service.engine import Engine
+from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
+from service.reload_rule import check_compatible
+from service.served_version import ServedVersion
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
 
 EngineFactory = Callable[[Path], Engine]
-
-
-async def disconnected(request: Request) -> None:
-    """Completes when the client goes away (or, on some servers, when the response is done)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-FULL_SORT_MAX = 128  # classes up to which one stable argsort costs less than partition + sort of k
-
-
-def top_indices(p: np.ndarray, k: int) -> np.ndarray:
-    """Per row of ``p`` [N, C] (NaN-free), the indices of its ``k`` largest values, largest first, ties
-    by lower index: exactly ``np.argsort(-p, axis=1, kind="stable")[:, :k]``, but past a few classes
-    for the price of a partition and a sort of ``k`` per row (the event loop computes it)."""
-    n, c = p.shape
-    k = min(k, c)
-    if k == 1:
-        return p.argmax(axis=1)[:, None]  # the first maximum
-    if c <= FULL_SORT_MAX or k == c:
-        return np.argsort(-p, axis=1, kind="stable")[:, :k]
-    neg = -p
-    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]  # each row's k-th largest value
-    better = neg < kth
-    tied = neg == kth  # those taken: the lowest indices, as many as are needed to make k
-    take = better | (tied & (np.cumsum(tied, axis=1) <= k - better.sum(axis=1, keepdims=True)))
-    idx = np.nonzero(take)[1].reshape(n, k)  # ascending per row
-    order = np.argsort(np.take_along_axis(neg, idx, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1)
-
-
-def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict]:
-    idx = top_indices(probs[None, :], k)[0].tolist()
-    scores = probs.tolist()
-    return [{"label": labels[i], "index": i, "score": scores[i]} for i in idx]
-
-
-def check_compatible(old: Manifest, new: Manifest, where: str) -> None:
-    """The rule for replacing a served bundle without a restart (409 ``incompatible_bundle``).
-
-    What clients and metrics rely on must not change: the ``input`` spec (clients that send FP32
-    tensors preprocess with it), every task served now (a client would get 404), and each such
-    task's ``labels`` (names and order: an index must keep its meaning). New tasks may be added.
-    Weights, segments, plan, backbone, name and version may change.
-    """
-    if new.input != old.input:
-        a, b = old.input.model_dump(), new.input.model_dump()
-        fields = ", ".join(f"input.{f} {b[f]!r} (served: {a[f]!r})" for f in a if a[f] != b[f])
-        raise IncompatibleBundle(f"{where}: field {fields}; the input spec must not change on reload")
-    missing = [t for t in old.tasks if t not in new.tasks]
-    if missing:
-        raise IncompatibleBundle(
-            f"{where}: field tasks lacks {missing}, served now; a reload may add tasks, not remove them"
-        )
-    for task, spec in old.tasks.items():
-        if new.tasks[task].labels != spec.labels:
-            raise IncompatibleBundle(
-                f"{where}: field tasks.{task}.labels differs from the served one "
-                f"({len(new.tasks[task].labels)} vs {len(spec.labels)} labels); labels must keep their "
-                "names and order on reload"
-            )
-
-
-class ModelUnit:
-    """One loaded bundle version: its engine and its batcher. ``async with`` = one admitted request
-    (a lease): a retired unit is closed after its last lease is released (or, on reload, once every
-    request admitted to it is past its deadline)."""
-
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, path: Path):
-        self.engine = engine
-        self.manifest: Manifest = engine.manifest
-        self.version = self.manifest.version
-        self.path = path
-        self.loaded_at: str | None = None
-        self.batcher = Batcher(
-            engine,
-            list(self.manifest.tasks),
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            queue_size=settings.queue_size,
-            per_task=settings.batching == "per-task",
-            observe_segments=metrics.observe_segments,
-            observe_queue=metrics.observe_queue,
-        )
-        self.leases = 0
-        self.closing = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def task(self, name: str) -> TaskSpec:
-        spec = self.manifest.tasks.get(name)
-        if spec is None:
-            raise UnknownTask(f"unknown task {name!r}; tasks are {sorted(self.manifest.tasks)}")
-        return spec
-
-    async def __aenter__(self) -> ModelUnit:
-        self.leases += 1
-        self._idle.clear()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.leases -= 1
-        if self.leases == 0:
-            self._idle.set()
-
-    async def start(self) -> None:
-        """Start the batcher loop; create and warm up the sessions in the unit's executor thread."""
-        self.batcher.start()
-        await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.engine.start)
-        self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
-
-    async def close(self, wait_s: float | None = None) -> None:
-        """Wait for every admitted request (at most ``wait_s``), finish the queue and every batch
-        started, stop the executor, release the sessions."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), wait_s)
-        except TimeoutError:  # e.g. a client still sending its body, long past its deadline
-            log.warning(
-                "version %s: %d request(s) admitted to it still unfinished after %.1f s; closing it "
-                "(they answer 504)", self.version, self.leases, wait_s,
-            )  # fmt: skip
-        self.closing = True
-        await self.batcher.stop()
-        self.engine.stop()
-
-    async def infer(self, task: str, x: np.ndarray, request: Request, deadline: float) -> list[np.ndarray]:
-        """Queue the rows; await their probabilities (504 past the deadline, skipped if the client left)."""
-        if self.closing:  # only after every deadline of requests admitted to it has passed
-            raise DeadlineExceeded(f"deadline passed before the rows reached version {self.version}")
-        job = self.batcher.submit(task, x, deadline)
-        return await self.batcher.wait(job, disconnected(request))
 
 
 class Service:
@@ -188,8 +56,8 @@ class Service:
     ):
         self.settings = settings
         self.metrics = Metrics(engine.manifest, settings.max_batch_size)
-        self.unit = ModelUnit(engine, settings, self.metrics, settings.bundle.absolute())
-        self.retiring: set[ModelUnit] = set()
+        self.unit = ServedVersion(engine, settings, self.metrics, settings.bundle.absolute())
+        self.retiring: set[ServedVersion] = set()
         self.metrics.queue_depth.set_function(
             lambda: sum(max(0, u.batcher.queued_rows) for u in (self.unit, *self.retiring))
         )
@@ -199,15 +67,41 @@ class Service:
             self.manifest.input, self.pool, settings.max_pixels, self.metrics.preprocess_duration.observe
         )
         self.engine_factory = engine_factory
-        self.ready = False
-        self.draining = False
-        self.failed: str | None = None
+        self.admission = Admission(settings.timeout_ms, settings.inflight_limit(), self._room, LoopLag())
         self.on_fatal = on_fatal
         self.reloads = 0
         self._reload: asyncio.Task | None = None
         self._ready_event = asyncio.Event()
         self._starting: asyncio.Task | None = None
-        self.lag = LoopLag()  # the event loop's lateness: Edge sheds load when it is too high
+
+    def _room(self) -> tuple[int, int]:
+        b = self.unit.batcher
+        return b.queued_rows, b.queue_size
+
+    # readiness and draining live in the admission object
+    @property
+    def ready(self) -> bool:
+        return self.admission.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.admission.ready = value
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
+
+    @property
+    def failed(self) -> str | None:
+        return self.admission.failed
+
+    @failed.setter
+    def failed(self, value: str | None) -> None:
+        self.admission.failed = value
 
     # the version served now (each request holds the unit it was admitted on)
     @property
@@ -225,7 +119,7 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load and warm the engine in the background (``/readyz`` 503 until then)."""
-        self.lag.start()
+        self.admission.lag.start()
         self._starting = asyncio.get_running_loop().create_task(self._start_engine())
 
     async def _start_engine(self) -> None:
@@ -257,35 +151,30 @@ class Service:
             await asyncio.gather(self._reload, return_exceptions=True)
         await self.unit.close(wait_s=self.settings.timeout_ms / 1000.0 + 1.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.lag.stop()
+        self.admission.lag.stop()
 
     # -- per request --------------------------------------------------------------------------
     def task(self, name: str) -> TaskSpec:
         return self.unit.task(name)
 
     def admit(self) -> None:
-        if self.draining:
-            raise NotReady("the server is shutting down")
-        if not self.ready:
-            raise NotReady(self.failed or "the model is loading")
+        """503 unless ready and not draining."""
+        if (reason := self.admission.not_ready()) is not None:
+            raise NotReady(reason)
 
-    def acquire(self, task: str, model_version: str | None = None) -> ModelUnit:
+    def acquire(self, task: str, model_version: str | None = None) -> ServedVersion:
         """Admission: the version served now, for ``async with`` (404 unknown task or version, 503
         not ready). The request keeps this version until it is answered, whatever reloads happen."""
         unit = self.unit
         unit.task(task)
         if model_version is not None and model_version != unit.version:
             raise UnknownTask(f"model {task!r} has no version {model_version!r}; it has {unit.version!r}")
-        self.admit()
-        unit.batcher.check_room()  # 429 before the body is read when the queue is full
+        self.admission.check()  # 503, or 429 before the body is read when the queue is full
         return unit
 
     def deadline(self, request: Request | None = None) -> float:
-        """The request's deadline (``time.monotonic()``): ``timeout_ms`` after it reached the server's
-        outermost layer, which answers 504 then if the request has not answered yet."""
-        if request is not None and DEADLINE in request.scope:
-            return request.scope[DEADLINE]
-        return time.monotonic() + self.settings.timeout_ms / 1000.0
+        """The request's deadline (``time.monotonic()``): see :meth:`Admission.deadline`."""
+        return self.admission.deadline(request.scope if request is not None else None)
 
     # -- admin: live reload ---------------------------------------------------------------------
     def resolve_bundle(self, requested: str | None) -> Path:
@@ -348,7 +237,7 @@ class Service:
             engine = await asyncio.to_thread(self._build, target)  # manifest, sha256, shapes
             check_compatible(old.manifest, engine.manifest, str(target / "manifest.json"))
             t1 = time.perf_counter()
-            unit = ModelUnit(engine, self.settings, self.metrics, target)
+            unit = ServedVersion(engine, self.settings, self.metrics, target)
             try:
                 await unit.start()  # sessions + warm-up, in the new unit's executor thread
                 if self.draining:
