@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from contract.bundle import load_bundle
 from service import admin, api, errors, oip
-from service.engine import Engine, OrtEngine
+from service.engine import OrtEngine
+from service.engine_types import Engine
 from service.outer_layer import OuterLayer
 from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
 from service.server_state import Service

@@ -27,7 +27,7 @@ import numpy as np
 
 from contract.errors import ClientClosed, DeadlineExceeded, NotReady
 from service.admission import queue_full
-from service.engine import Engine, SegmentRun
+from service.engine_types import Engine, SegmentRun
 from service.postprocess import softmax_rows
 
 log = logging.getLogger("mtserve.batcher")

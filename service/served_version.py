@@ -13,7 +13,7 @@ from fastapi import Request
 from contract.errors import DeadlineExceeded, UnknownTask
 from contract.manifest import Manifest, TaskSpec
 from service.batcher import Batcher
-from service.engine import Engine
+from service.engine_types import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 

@@ -31,7 +31,7 @@ from contract.errors import (
 from contract.manifest import Manifest, TaskSpec
 from service.admission import Admission
 from service.batcher import Batcher
-from service.engine import Engine
+from service.engine_types import Engine
 from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.preprocess import Preprocessor

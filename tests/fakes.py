@@ -14,7 +14,7 @@ import numpy as np
 
 from contract.manifest import Manifest
 from contract.plan import group_rows
-from service.engine import Call, SegmentRun
+from service.engine_types import Call, SegmentRun
 
 TASKS = {"digits": 10, "animals": 10, "shapes": 4}
 SIZE = (3, 32, 32)

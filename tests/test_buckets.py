@@ -286,7 +286,7 @@ def test_start_up_warms_every_variant_bucket_and_describes_it(tiny_bundle):
 def test_copy_model_copies_rows_between_buffers():
     import onnxruntime as ort
 
-    from service.engine import copy_model_bytes
+    from service.ort_setup import copy_model_bytes
 
     sess = ort.InferenceSession(copy_model_bytes(), providers=["CPUExecutionProvider"])
     src = np.arange(24, dtype=np.float32).reshape(4, 6)
