@@ -16,6 +16,7 @@ import numpy as np
 from contract.manifest import SegmentSpec
 from contract.plan import group_rows
 from service.buckets import bucket_for, copy_runs
+from service.engine_paths import tree_order
 from service.engine_types import SegmentRun
 from service.ort_setup import copy_model_bytes
 
@@ -178,8 +179,7 @@ class BucketedPath:
         self, x: np.ndarray, tasks: Sequence[str]
     ) -> tuple[list[np.ndarray], list[SegmentRun]]:
         assert self.buckets
-        paths = [tuple(self._task_variants[t][s.name] for s in reversed(self._segments)) for t in tasks]
-        order = sorted(range(len(tasks)), key=lambda r: paths[r])
+        order = tree_order(tasks, self._task_variants, [s.name for s in self._segments])
         stasks = [tasks[r] for r in order]
         xs = np.ascontiguousarray(x[order], dtype=np.float32)
         n = len(order)

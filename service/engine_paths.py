@@ -5,7 +5,7 @@ bucketed) and bound (CUDA IOBinding, intermediates stay on the device). A mixin 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +16,15 @@ from service.engine_types import SegmentRun
 
 def _contiguous(rows: list[int]) -> bool:
     return rows[-1] - rows[0] + 1 == len(rows)
+
+
+def tree_order(
+    tasks: Sequence[str], variants: Mapping[str, Mapping[str, str]], segments: Sequence[str]
+) -> list[int]:
+    """Rows sorted by their variant path from the last segment to the first: tree-shaped plans
+    (stems per task, branches per group, shared trunk) then group contiguously in every segment."""
+    paths = [tuple(variants[t][s] for s in reversed(segments)) for t in tasks]
+    return sorted(range(len(tasks)), key=lambda r: paths[r])
 
 
 class DirectPaths:
@@ -72,12 +81,6 @@ class DirectPaths:
             cur = out
         return logits, runs
 
-    def _tree_order(self, tasks: Sequence[str]) -> list[int]:
-        """Rows sorted by their variant path from the last segment to the first: tree-shaped plans
-        (stems per task, branches per group, shared trunk) then group contiguously everywhere."""
-        paths = [tuple(self._task_variants[t][s.name] for s in reversed(self._segments)) for t in tasks]
-        return sorted(range(len(tasks)), key=lambda r: paths[r])
-
     def _infer_bound(self, x: np.ndarray, tasks: Sequence[str]) -> tuple[list[np.ndarray], list[SegmentRun]]:
         """IOBinding: rows sorted so every group is a contiguous slice of one device buffer.
 
@@ -87,7 +90,7 @@ class DirectPaths:
         from onnxruntime import OrtValue
 
         dev, did = self.device, self.device_id
-        order = self._tree_order(tasks)
+        order = tree_order(tasks, self._task_variants, [s.name for s in self._segments])
         stasks = [tasks[r] for r in order]
         cur = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x[order], dtype=np.float32), dev, did)
         n = len(order)
