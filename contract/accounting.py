@@ -36,16 +36,29 @@ def segment_params(seg: SegmentPlan, unit_params: Mapping[str, int], head_params
 
 
 def account(
-    segments: Sequence[SegmentPlan], unit_params: Mapping[str, int], head_params: Mapping[str, int]
+    segments: Sequence[SegmentPlan],
+    unit_params: Mapping[str, int],
+    head_params: Mapping[str, int],
+    norm_params: Mapping[str, int] | None = None,
 ) -> Accounting:
+    """``norm_params`` (per unit, the normalisation layers' share of ``unit_params``) is needed for a
+    tied segment (``shared+bn``): there only the normalisation parameters are held once per variant."""
     n_tasks = len(segments[0].assignment)
     total = specific = independent = 0
     for seg in segments:
         per_variant = segment_params(seg, unit_params, head_params)
+        independent += sum(per_variant[v] for v in seg.assignment.values())
+        if seg.tied:
+            if norm_params is None:
+                raise ValueError(f"segment {seg.name!r} ties its weights: norm_params are needed")
+            norm = sum(norm_params[u] for u in seg.units)
+            shared = sum(unit_params[u] for u in seg.units) - norm
+            total += shared + norm * len(seg.variants)
+            specific += norm * len(seg.variants)
+            continue
         users = {v: sum(1 for t in seg.assignment.values() if t == v) for v in per_variant}
         total += sum(per_variant.values())
         specific += sum(p for v, p in per_variant.items() if users[v] < n_tasks or seg.name == HEAD)
-        independent += sum(per_variant[v] for v in seg.assignment.values())
     return Accounting(
         total_params=total,
         task_specific_params=specific,
@@ -76,3 +89,40 @@ def closest_cut(
     if best is None:
         raise ValueError("closest_cut: the backbone has a single unit; no cut exists")
     return best[1], best[2]
+
+
+def hidden_head_params(
+    head_params: Mapping[str, int], in_features: int, classes: Mapping[str, int], hidden: int
+) -> dict[str, int]:
+    """Head parameters once each task's linear classifier ``Linear(C, n)`` becomes
+    ``Linear(C, H) -> ReLU -> Linear(H, n)`` (a ``head:H`` plan)."""
+    return {
+        t: p - in_features * classes[t] + in_features * hidden + hidden + hidden * classes[t]
+        for t, p in head_params.items()
+    }
+
+
+def closest_head_width(
+    tasks: Sequence[str],
+    units: Sequence[str],
+    unit_params: Mapping[str, int],
+    head_params: Mapping[str, int],
+    in_features: int,
+    classes: Mapping[str, int],
+    target: float,
+) -> tuple[str, Accounting]:
+    """The ``head:H`` plan whose task-specific proportion is closest to ``target`` (the share grows
+    with H, so a bisection finds it); ``head_params`` are the plain linear heads' counts."""
+
+    def acc(h: int) -> Accounting:
+        heads = hidden_head_params(head_params, in_features, classes, h)
+        return account(parse_plan(f"head:{h}", tasks, units), unit_params, heads)
+
+    lo, hi = 1, 1
+    while acc(hi).proportion < target and hi < 1 << 24:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if acc(mid).proportion < target else (lo, mid)
+    h = min((lo, hi), key=lambda w: abs(acc(w).proportion - target))
+    return f"head:{h}", acc(h)

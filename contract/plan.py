@@ -3,6 +3,15 @@
 A backbone body is a list of U *units* (the stem, then every block). A cut K sits after unit K-1.
 A plan maps every unit to a {task: variant} assignment; consecutive units that assign tasks the same
 way form one *segment*. The per-task classifier head is always the last segment.
+
+Two plans reach below a block's granularity (issue 15):
+
+- ``head:H``: every body unit shared, each task's head widened with a hidden layer of width H
+  (pool -> Linear(C, H) -> ReLU -> Linear(H, classes)); H tunes the task-specific share finely, so a
+  top-specific plan can meet a small bottom-specific one at equal share.
+- ``shared+bn``: every weight shared except normalisation layers (BatchNorm), one per task: the body
+  is per task with *tied* weights (``SegmentPlan.tied``), so each task's variant is a complete module
+  (and exports like any variant) while only its normalisation parameters and statistics are its own.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 HEAD = "head"
+SHARED_BN = "shared+bn"
 
 
 class PlanError(ValueError):
@@ -24,6 +34,7 @@ class SegmentPlan:
     name: str
     units: tuple[str, ...]
     assignment: Mapping[str, str]  # task -> variant id
+    tied: bool = False  # variants share every weight but their normalisation layers (shared+bn)
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -49,8 +60,9 @@ def parse_plan(
 ) -> list[SegmentPlan]:
     """Resolve a plan into segments (body segments first, then the head).
 
-    ``plan`` is ``"bottom:K"``, ``"top:K"``, ``"shared"``, ``"independent"``, or an explicit mapping
-    ``{last_unit_of_segment: {task: variant}}`` in body order, whose last key is the last unit.
+    ``plan`` is ``"bottom:K"``, ``"top:K"``, ``"head:H"``, ``"shared"``, ``"shared+bn"``,
+    ``"independent"``, or an explicit mapping ``{last_unit_of_segment: {task: variant}}`` in body
+    order, whose last key is the last unit.
     """
     if not tasks:
         raise PlanError("a plan needs at least one task")
@@ -60,8 +72,11 @@ def parse_plan(
     per_unit: list[dict[str, str]]
     if isinstance(plan, str):
         kind, _, arg = plan.partition(":")
-        if kind in ("shared", "independent") and not arg:
+        if kind in ("shared", "independent", SHARED_BN) and not arg:
             per_unit = [(_shared if kind == "shared" else _per_task)(tasks) for _ in units]
+        elif kind == "head":
+            head_hidden(plan)  # validates H
+            per_unit = [_shared(tasks) for _ in units]
         elif kind in ("bottom", "top"):
             try:
                 k = int(arg)
@@ -76,11 +91,25 @@ def parse_plan(
             per_unit = [low(tasks) if i < k else high(tasks) for i in range(n)]
         else:
             raise PlanError(
-                f"unknown plan {plan!r}; expected bottom:K, top:K, shared, independent or an explicit mapping"
+                f"unknown plan {plan!r}; expected bottom:K, top:K, head:H, shared, {SHARED_BN}, "
+                "independent or an explicit mapping"
             )
     else:
         per_unit = _explicit(plan, tasks, units)
-    return _segments(per_unit, units, tasks)
+    segments = _segments(per_unit, units, tasks)
+    if plan == SHARED_BN and len(tasks) > 1:
+        segments = [SegmentPlan(s.name, s.units, s.assignment, tied=s.name != HEAD) for s in segments]
+    return segments
+
+
+def head_hidden(plan: object) -> int | None:
+    """The hidden width H of a ``head:H`` plan (None for any other plan)."""
+    if not isinstance(plan, str) or not plan.startswith("head:"):
+        return None
+    arg = plan.partition(":")[2]
+    if not arg.isdigit() or int(arg) < 1:
+        raise PlanError(f"plan {plan!r}: H must be a positive integer (the head's hidden width)")
+    return int(arg)
 
 
 def _explicit(plan: Mapping[str, Mapping[str, str]], tasks: Sequence[str], units: Sequence[str]):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from contract.accounting import Accounting, account, closest_cut
-from contract.plan import HEAD, SegmentPlan, group_rows, parse_plan
+from contract.plan import HEAD, SegmentPlan, group_rows, head_hidden, parse_plan
 from models.backbone import Head, Unit, create_backbone, split_model
 
 
@@ -34,6 +34,44 @@ def run_grouped(x: torch.Tensor, row_keys: Sequence[str], run, out_width: int | 
             out[index] = y
     assert out is not None
     return out
+
+
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def tie_weights(variants: Sequence[nn.Module]) -> None:
+    """Make every variant use the first one's parameters, except in normalisation layers (shared+bn):
+    the variants stay complete modules (each exports on its own), their weights are one set."""
+    first = list(variants[0].modules())
+    for other in variants[1:]:
+        for mod, mod0 in zip(other.modules(), first, strict=True):
+            if isinstance(mod, NORM_LAYERS):
+                continue
+            for name, param in list(mod._parameters.items()):
+                if param is not None:
+                    mod._parameters[name] = mod0._parameters[name]
+
+
+def norm_param_count(module: nn.Module) -> int:
+    """Parameters held by the normalisation layers of ``module``."""
+    return sum(p.numel() for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters())
+
+
+def widen_head(head: Head, hidden: int) -> None:
+    """Replace the head's linear classifier ``Linear(C, n)`` by ``Linear(C, H) -> ReLU -> Linear(H, n)``."""
+    path = classifier_path(head.model)
+    fc = head.model.get_submodule(path)
+    mlp = nn.Sequential(nn.Linear(fc.in_features, hidden), nn.ReLU(), nn.Linear(hidden, fc.out_features))
+    head.model.set_submodule(path, mlp)
+
+
+def classifier_path(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    path = cfg.get("classifier", "fc")
+    path = path[0] if isinstance(path, list | tuple) else path
+    if not isinstance(model.get_submodule(path), nn.Linear):
+        raise ValueError(f"{type(model).__name__}: classifier {path!r} is not a Linear layer; no head:H plan")
+    return path
 
 
 class Segment(nn.Module):
@@ -74,13 +112,19 @@ class MultiTaskNet(nn.Module):
         unit_mods = {u.name: m for u, m in units}
         self.segment_plans = parse_plan(plan, self.task_names, [u.name for u in self.units])
         self.plan_spec = plan
+        self.classifier_in_features = head.model.get_submodule(classifier_path(head.model)).in_features
+        hidden = head_hidden(plan)
         segments = []
         for sp in self.segment_plans:
             if sp.name == HEAD:
                 variants = {sp.assignment[t]: self._head(head, self.num_classes[t]) for t in self.task_names}
+                for v in variants.values() if hidden else ():
+                    widen_head(v, hidden)
             else:
                 body = nn.Sequential(*[unit_mods[u] for u in sp.units])
                 variants = {v: copy.deepcopy(body) for v in sp.variants}
+                if sp.tied:
+                    tie_weights(list(variants.values()))
             segments.append(Segment(sp, variants))
         self.segments = nn.ModuleList(segments)
         self.max_classes = max(self.num_classes.values())
@@ -121,6 +165,14 @@ class MultiTaskNet(nn.Module):
                 counts[unit] = sum(p.numel() for p in mod.parameters())
         return counts
 
+    def norm_params(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for seg in self.segments[:-1]:
+            body = next(iter(seg.variants.values()))
+            for unit, mod in zip(seg.plan.units, body, strict=True):
+                counts[unit] = norm_param_count(mod)
+        return counts
+
     def head_params(self) -> dict[str, int]:
         head = self.segments[-1]
         return {
@@ -129,7 +181,7 @@ class MultiTaskNet(nn.Module):
         }
 
     def accounting(self) -> Accounting:
-        return account(self.segment_plans, self.unit_params(), self.head_params())
+        return account(self.segment_plans, self.unit_params(), self.head_params(), self.norm_params())
 
 
 def plan_for_proportion(

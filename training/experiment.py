@@ -50,43 +50,70 @@ def choose_plans(
     timm_kwargs: Mapping[str, Any],
     levels: Sequence[float] | None = None,
     bottom_levels: Sequence[float] = (),
+    small_levels: Sequence[float] = (),
+    bn_ablation: bool = False,
 ) -> list[PlanSpec]:
-    """shared, independent, matched top:K / bottom:K' pairs, and bottom-only levels.
+    """shared, shared+bn, matched top:K / bottom:K' pairs, small-budget head:H / bottom:K' pairs,
+    bottom-only levels, independent.
 
     A matched pair: top:K closest to the level (``None``: the two smallest top proportions the backbone
-    allows), then the bottom:K' closest to that top:K's *actual* proportion. ``bottom_levels`` are
-    levels no top:K can reach (a CNN's last block is its largest): bottom:K' alone, unmatched.
+    allows), then the bottom:K' closest to that top:K's *actual* proportion. A small-budget pair
+    (``small_levels``, below what any top:K reaches): bottom:K' closest to the level, then the ``head:H``
+    (shared body, per-task head with a hidden layer of width H) closest to that bottom's proportion.
+    ``bottom_levels``: bottom:K' alone, unmatched.
     """
-    from contract.accounting import account, closest_cut
-    from contract.plan import parse_plan
+    from contract.accounting import account, closest_cut, closest_head_width, hidden_head_params
+    from contract.plan import head_hidden, parse_plan
     from models.network import MultiTaskNet
 
     net = MultiTaskNet(backbone, dict(tasks), "shared", **dict(timm_kwargs))
     names, units = net.task_names, [u.name for u in net.units]
-    up, hp = net.unit_params(), net.head_params()
+    up, hp, norms, width = net.unit_params(), net.head_params(), net.norm_params(), net.classifier_in_features
 
-    def spec(kind: str, plan: str, level: float | None) -> PlanSpec:
-        acc = account(parse_plan(plan, names, units), up, hp)
-        return PlanSpec(kind, plan, acc.proportion, level, acc.model_dump())
+    def spec(kind: str, plan: str, level: float | None, match: str | None = None) -> PlanSpec:
+        h = head_hidden(plan)
+        heads = hidden_head_params(hp, width, tasks, h) if h else hp
+        acc = account(parse_plan(plan, names, units), up, heads, norms)
+        return PlanSpec(kind, plan, acc.proportion, level, acc.model_dump(), match)
 
-    out = [spec("shared", "shared", None)]
+    out = [spec("shared", "shared", None)] + ([spec("bn", "shared+bn", None)] if bn_ablation else [])
     if levels is None:
         tops = [f"top:{len(units) - 1}", f"top:{len(units) - 2}"] if len(units) > 2 else [f"top:{1}"]
     else:
         tops = [closest_cut("top", names, units, up, hp, lv)[0] for lv in levels]
-    for top in dict.fromkeys(tops):
-        t = spec("top", top, None)
-        bottom, _ = closest_cut("bottom", names, units, up, hp, t.proportion)
-        out.append(PlanSpec("top", top, t.proportion, t.proportion, t.accounting, bottom))
-        if all(p.plan != bottom for p in out):  # two tops may share their closest bottom
-            out.append(spec("bottom", bottom, t.proportion))
-    matched = {p.plan for p in out}
+    pairs = [(spec("top", top, None), None) for top in dict.fromkeys(tops)]
+    for lv in small_levels:
+        bottom = spec("bottom", closest_cut("bottom", names, units, up, hp, lv)[0], None)
+        head, _ = closest_head_width(names, units, up, hp, width, tasks, bottom.proportion)
+        pairs.append((spec("top", head, None), bottom))
+    for top, bottom in pairs:
+        if bottom is None:
+            bottom = spec("bottom", closest_cut("bottom", names, units, up, hp, top.proportion)[0], None)
+        level = bottom.proportion if top.plan.startswith("head:") else top.proportion
+        out.append(PlanSpec("top", top.plan, top.proportion, level, top.accounting, bottom.plan))
+        if all(p.plan != bottom.plan for p in out):  # two tops may share their closest bottom
+            out.append(PlanSpec("bottom", bottom.plan, bottom.proportion, level, bottom.accounting))
     for lv in bottom_levels:
         bottom, _ = closest_cut("bottom", names, units, up, hp, lv)
-        if bottom not in matched:
+        if all(p.plan != bottom for p in out):
             out.append(spec("bottom", bottom, None))
-            matched.add(bottom)
-    out.append(spec("independent", "independent", None))
+    return [*out, spec("independent", "independent", None)]
+
+
+def task_subsets(root: Path, counts: Sequence[int], work: Path) -> dict[str, Path]:
+    """``{"<n>tasks": folder}``: the first n task folders of ``root`` (name order), symlinked, for each
+    n below the number of tasks (the number of tasks varied, as in the paper)."""
+    names = list(count_classes(root))
+    out = {}
+    for n in sorted(set(counts)):
+        if 1 < n < len(names):
+            dst = work / "data" / f"{Path(root).name}-{n}tasks"
+            dst.mkdir(parents=True, exist_ok=True)
+            for task in names[:n]:
+                link = dst / task
+                if not link.exists():
+                    link.symlink_to(Path(root, task).resolve())
+            out[f"{n}tasks"] = dst
     return out
 
 
@@ -124,7 +151,8 @@ def train_config(
         "schedule": {"steps": steps, "warmup_steps": settings["warmup_steps"], "min_lr_ratio": 0.01},
         "batch_per_task": settings["batch_per_task"],
         "eval_batch_size": 256,
-        "eval_interval": steps,  # one evaluation, at the last step: no selection on the val set
+        # evaluations only record the curve (and checkpoint for resuming): the result is the last step's
+        "eval_interval": max(1, steps // int(settings.get("curve_points", 1))),
         "log_interval": max(1, steps // 10),
         "seed": seed,
         "device": settings["device"],
@@ -133,16 +161,34 @@ def train_config(
     }
 
 
-def train_one(cfg_dict: Mapping[str, Any], run_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    """Train one config in-process with the trainer's public API; final per-task top-1 and timings."""
+def train_one(
+    cfg_dict: Mapping[str, Any],
+    run_dir: Path,
+    say: Callable[[str], None],
+    predictions: Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train one config in-process with the trainer's public API; final per-task top-1 and timings.
+
+    ``predictions``: also write the per-image val predictions of the final weights there (npz), checked
+    against the trainer's own accuracy. ``resume``: continue a run that was interrupted mid-way.
+    """
     from training.config import parse_config
+    from training.predictions import accuracy, save_predictions, val_predictions
     from training.trainer import train
 
     cfg = parse_config(dict(cfg_dict), source="experiment")
-    res = train(cfg, run_dir, overwrite=True, progress=False, say=lambda *_a, **_k: None)
+    res = train(cfg, run_dir, resume=resume, overwrite=not resume, progress=False, say=lambda *_a, **_k: None)
     acc = {t: v["top1"] for t, v in res.val.items()}
     say(f"    mean top-1 {sum(acc.values()) / len(acc):.4f} in {res.wall_s:.0f} s")
-    return {"acc": acc, "wall_s": res.wall_s, "images_per_s": res.images_per_s, "step": res.step}
+    run = {"acc": acc, "wall_s": res.wall_s, "images_per_s": res.images_per_s, "step": res.step}
+    if predictions is not None:
+        preds = val_predictions(run_dir, "last")
+        check = accuracy(preds)
+        if any(abs(check[t] - acc[t]) > 1e-9 for t in acc):
+            raise RuntimeError(f"{run_dir}: predictions give {check}, the trainer {acc}")
+        save_predictions(predictions, preds)
+    return run
 
 
 class Results:
@@ -184,6 +230,8 @@ def _plan_dataset(
         settings["timm_kwargs"],
         settings["levels"],
         settings["bottom_levels"],
+        settings.get("small_levels", ()),
+        settings.get("bn_ablation", False),
     )
     results.data["datasets"][name] = {"root": str(root), "tasks": tasks, "plans": [asdict(p) for p in plans]}
     say(f"{name}: {len(tasks)} tasks; plans " + ", ".join(f"{p.plan} ({p.proportion:.1%})" for p in plans))
@@ -226,15 +274,43 @@ def run_experiment(
                     continue
                 say(f"[{n}/{total}] {name} {spec.plan} seed {seed}")
                 cfg = train_config(data, tasks, spec.plan, seed, settings)
-                run = train_one(cfg, work / "runs" / name / spec.plan.replace(":", "") / f"seed{seed}", say)
-                results.add_run(
-                    {
-                        "dataset": name,
-                        "kind": spec.kind,
-                        "plan": spec.plan,
-                        "seed": seed,
-                        "proportion": spec.proportion,
-                        **run,
-                    }
-                )
+                results.add_run(_run_one(cfg, name, spec, seed, work, out, say))
     return results
+
+
+def _run_one(
+    cfg: Mapping[str, Any], name: str, spec: PlanSpec, seed: int, work: Path, out: Path, say
+) -> dict[str, Any]:
+    """One run (continued from its last checkpoint when an interrupted one with the same config is
+    there), its per-image predictions under ``out/predictions``, its validation curve."""
+    from training.config import parse_config
+    from training.run_files import read_run_config
+
+    run_dir = work / "runs" / name / spec.plan.replace(":", "") / f"seed{seed}"
+    resume = (run_dir / "state.json").is_file() and (run_dir / "last.safetensors").is_file()
+    if resume:
+        asked = parse_config(dict(cfg), source="experiment").model_dump(mode="json")
+        resume = read_run_config(run_dir).train_config == asked
+    rel = Path("predictions") / name / spec.plan.replace(":", "") / f"seed{seed}.npz"
+    run = train_one(cfg, run_dir, say, predictions=out / rel, resume=resume)
+    return {
+        "dataset": name,
+        "kind": spec.kind,
+        "plan": spec.plan,
+        "seed": seed,
+        "proportion": spec.proportion,
+        **run,
+        "predictions": rel.as_posix(),
+        "curve": val_curve(run_dir / "metrics.csv"),
+    }
+
+
+def val_curve(metrics_csv: Path) -> list[list[float]]:
+    """``[[step, mean val top-1], ...]`` at every evaluation of a run (does training flatten out?)."""
+    import csv
+
+    if not metrics_csv.is_file():
+        return []
+    with metrics_csv.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_mean_top1")]
+    return [[int(r["step"]), float(r["val_mean_top1"])] for r in rows]

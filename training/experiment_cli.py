@@ -16,11 +16,46 @@ QUICK = {
     "max_val_per_class": 4,
     "batch_per_task": 4,
     "workers": 0,
+    "curve_points": 1,
 }
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    """Issue 15: small-budget pairs, the BN ablation, the number of tasks, the validation curve."""
+    p.add_argument(
+        "--small-levels",
+        type=_floats,
+        default=[0.05, 0.20],
+        help="small-budget matched pairs: bottom:K' closest to each level vs head:H (shared body, per-task "
+        "head with a hidden layer) at that bottom's share (default 0.05,0.20; '' for none)",
+    )
+    p.add_argument(
+        "--no-bn-ablation",
+        dest="bn_ablation",
+        action="store_false",
+        help="leave out the shared+bn plan (all weights shared, BatchNorm per task)",
+    )
+    p.add_argument(
+        "--task-counts",
+        type=_ints,
+        default=[],
+        help="also run the first N task folders (name order) of --data as their own data sets, e.g. 3,5",
+    )
+    p.add_argument(
+        "--curve-points",
+        type=int,
+        default=5,
+        help="validations per run, for the curve and resuming inside a run (default 5; the result is the "
+        "last step's)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[0.05, 0.25],
         help="extra bottom:K levels that no top:K reaches (default 0.05,0.25)",
     )
+    _add_plan_options(p)
     p.add_argument("--max-train-per-class", type=int, help="cap train images per class (symlinked subset)")
     p.add_argument("--max-val-per-class", type=int, help="cap val images per class")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -90,6 +126,10 @@ def settings_from(args: argparse.Namespace) -> dict:
         "seeds": list(range(args.seeds)),
         "levels": args.levels,
         "bottom_levels": args.bottom_levels,
+        "small_levels": args.small_levels,
+        "bn_ablation": args.bn_ablation,
+        "task_counts": args.task_counts,
+        "curve_points": args.curve_points,
         "max_train_per_class": args.max_train_per_class,
         "max_val_per_class": args.max_val_per_class,
         "threads": args.threads,
@@ -119,6 +159,9 @@ def command_line(args: argparse.Namespace) -> str:
         "input_size",
         "levels",
         "bottom_levels",
+        "small_levels",
+        "task_counts",
+        "curve_points",
         "max_train_per_class",
         "max_val_per_class",
         "threads",
@@ -130,7 +173,8 @@ def command_line(args: argparse.Namespace) -> str:
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             parts += ["--" + flag.replace("_", "-"), value]
-    return shlex.join(parts + (["--quick"] if args.quick else []))
+    flags = (["--no-bn-ablation"] if not args.bn_ablation else []) + (["--quick"] if args.quick else [])
+    return shlex.join(parts + flags)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,10 +190,12 @@ def run(args: argparse.Namespace) -> int:
         for path in write_report(results, out):
             print(f"wrote {path}")
         return 0
-    from training.experiment import run_experiment
+    from training.experiment import run_experiment, task_subsets
 
-    datasets = {"mdb": args.data} | ({"control": args.control_data} if args.control_data else {})
     settings = settings_from(args)
+    subsets = task_subsets(args.data, args.task_counts, Path(settings["work_dir"]))
+    datasets = {"mdb": args.data} | {f"mdb-{k}": v for k, v in subsets.items()}
+    datasets |= {"control": args.control_data} if args.control_data else {}
     start = time.perf_counter()
     command = command_line(args)
     results = run_experiment(

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-KIND_ORDER = {"shared": 0, "top": 1, "bottom": 2, "independent": 3}
+KIND_ORDER = {"shared": 0, "bn": 1, "top": 2, "bottom": 3, "independent": 4}
 
 
 def delta_m(acc: Mapping[str, float], ref: Mapping[str, float]) -> float:
@@ -84,9 +84,29 @@ def summarize(results: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def paired_gaps(results: Mapping[str, Any], dataset: str) -> list[dict[str, Any]]:
-    """bottom minus top mean accuracy at each matched level, paired by seed: mean, std, per seed."""
+def _load_preds(runs: Sequence[Mapping[str, Any]], root: Path | None) -> dict:
+    """``{plan: {seed: {task: {"pred", "true", "files"}}}}`` for the runs whose npz is under ``root``."""
+    from training.predictions import load_predictions
+
+    out: dict = {}
+    for r in runs:
+        path = root / r["predictions"] if root is not None and r.get("predictions") else None
+        if path is not None and path.is_file():
+            out.setdefault(r["plan"], {})[r["seed"]] = load_predictions(path)
+    return out
+
+
+def paired_gaps(
+    results: Mapping[str, Any], dataset: str, preds_root: Path | None = None
+) -> list[dict[str, Any]]:
+    """bottom minus top mean accuracy at each matched level, paired by seed: mean, std, per seed, the
+    paired t-test over seeds and, with the runs' predictions under ``preds_root``, McNemar per task and
+    the paired bootstrap CI (``training.experiment_stats``)."""
+    from training.experiment_stats import level_stats, paired_t
+
     runs = [r for r in results["runs"] if r["dataset"] == dataset]
+    preds = _load_preds(runs, preds_root)
+    tasks = list(results["datasets"][dataset]["tasks"])
     plans = results["datasets"][dataset]["plans"]
     out = []
     for top in (p for p in plans if p["kind"] == "top"):
@@ -115,6 +135,10 @@ def paired_gaps(results: Mapping[str, Any], dataset: str) -> list[dict[str, Any]
                     "per_seed": gaps,
                     "bottom_wins": sum(g > 0 for g in gaps),
                     "seeds": seeds,
+                    "ttest": paired_t(
+                        [by[bottom["plan"]][s] for s in seeds], [by[top["plan"]][s] for s in seeds]
+                    ),
+                    "images": level_stats(preds, bottom["plan"], top["plan"], tasks),
                 }
             )
     return out
@@ -124,8 +148,10 @@ def _pm(m: float, s: float, scale: float = 100.0, digits: int = 1) -> str:
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
-def table_markdown(results: Mapping[str, Any]) -> str:
-    """The markdown table: one section per dataset, then the matched-level gaps."""
+def table_markdown(results: Mapping[str, Any], preds_root: Path | None = None) -> str:
+    """The markdown table: one section per dataset, then the matched-level gaps and their tests."""
+    from training.experiment_stats import stats_markdown
+
     st = results["settings"]
     kwargs = f" `{json.dumps(st['timm_kwargs'])}`" if st["timm_kwargs"] else ""
     lines = [
@@ -147,7 +173,7 @@ def table_markdown(results: Mapping[str, Any]) -> str:
                 + " | ".join(cells)
                 + f" | **{_pm(*r['mean'])}** | {dm} |"
             )
-        gaps = paired_gaps(results, name)
+        gaps = paired_gaps(results, name, preds_root)
         if gaps:
             lines += [
                 "",
@@ -160,6 +186,7 @@ def table_markdown(results: Mapping[str, Any]) -> str:
                     f"({g['top_proportion']:.1%}) | {_pm(g['gap'], g['gap_std'], digits=2)} | "
                     f"{g['bottom_wins']}/{len(g['seeds'])} seeds |"
                 )
+            lines += stats_markdown(gaps, tasks)
     wall = sum(r["wall_s"] for r in results["runs"])
     lines += ["", f"{len(results['runs'])} runs, {wall / 60:.1f} min of training + evaluation in total."]
     return "\n".join(lines) + "\n"
@@ -174,7 +201,7 @@ def plot_png(results: Mapping[str, Any], path: Path) -> None:
 
     summary = summarize(results)
     fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
-    styles = {"shared": "s", "top": "v", "bottom": "^", "independent": "D"}
+    styles = {"shared": "s", "bn": "o", "top": "v", "bottom": "^", "independent": "D"}
     for ax, (name, rows) in zip(axes[0], summary.items(), strict=True):
         for kind, marker in styles.items():
             pts = sorted((r["proportion"], *r["mean"]) for r in rows if r["kind"] == kind)
@@ -208,6 +235,6 @@ def plot_png(results: Mapping[str, Any], path: Path) -> None:
 def write_report(results: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
     """Write ``table.md`` and ``plot.png`` next to ``results.json``."""
     table, plot = Path(out) / "table.md", Path(out) / "plot.png"
-    table.write_text(table_markdown(results))
+    table.write_text(table_markdown(results, Path(out)))
     plot_png(results, plot)
     return table, plot

@@ -89,7 +89,15 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    """The state dict on the CPU; a tensor tied to an earlier one (shared+bn) is copied, because
+    safetensors stores no shared memory (loading writes the same values into the one tensor)."""
+    out, seen = {}, set()
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen and t.numel() else t.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def save_weights(run_dir: Path, which: str, net: torch.nn.Module) -> None:
