@@ -157,16 +157,8 @@ def interleaved(
     return ips
 
 
-def run_tasks_scaling(args: argparse.Namespace) -> dict:
-    from service.bench import report
-    from service.bench.machine import describe
-
-    bundles = [b for b in args.scaling_bundles.split(",") if b]
-    missing = [b for b in bundles if not (Path(b) / "manifest.json").exists()]
-    if missing:
-        raise SystemExit(
-            f"tasks-scaling: missing {missing}; build them: python scripts/make_scaling_bundles.py"
-        )
+def _measure(args: argparse.Namespace, bundles: list[str]) -> tuple[dict, dict, dict]:
+    """Memory probes (one engine at a time), then interleaved throughput of every bundle's engine."""
     mbs, dev = args.max_batch_size, args.device
     print("tasks-scaling: memory probes ...", flush=True)
     mem = {b: memory_probe(b, args.threads, dev, mbs, args.batch_buckets, args.cuda_graphs) for b in bundles}
@@ -183,24 +175,26 @@ def run_tasks_scaling(args: argparse.Namespace) -> dict:
     finally:
         for e in engines.values():
             e.stop()
+    return mem, ips, described
+
+
+def _engine_memory(probe: dict, dev: str) -> int:
+    """Bytes the engine took: device memory on CUDA, RSS growth on the CPU."""
+    if dev == "cuda":
+        return probe["engine"]["memory_bytes"] or 0
+    return (probe["rss_after_kib"] - probe["rss_before_kib"]) * 1024
+
+
+def _rows(bundles: list[str], mem: dict, ips: dict, described: dict, dev: str) -> list[dict]:
     ref = bundles[0]
+    ref_rss, ref_engine = mem[ref]["rss_after_kib"] * 1024, _engine_memory(mem[ref], dev)
     rows = []
     for b in bundles:
-        m, d = mem[b], described[b]
-        rss = m["rss_after_kib"] * 1024
-        engine_mem = (
-            (m["engine"]["memory_bytes"] or 0)
-            if dev == "cuda"
-            else (m["rss_after_kib"] - m["rss_before_kib"]) * 1024
+        rss, engine_mem, med = (
+            mem[b]["rss_after_kib"] * 1024,
+            _engine_memory(mem[b], dev),
+            statistics.median(ips[b]),
         )
-        ref_m = mem[ref]
-        ref_rss = ref_m["rss_after_kib"] * 1024
-        ref_engine = (
-            (ref_m["engine"]["memory_bytes"] or 0)
-            if dev == "cuda"
-            else (ref_m["rss_after_kib"] - ref_m["rss_before_kib"]) * 1024
-        )
-        med = statistics.median(ips[b])
         rows.append(
             {
                 "bundle": Path(b).name,
@@ -212,25 +206,37 @@ def run_tasks_scaling(args: argparse.Namespace) -> dict:
                 "rss_ratio": round(rss / ref_rss, 3),
                 "engine_memory_mib": round(engine_mem / MiB, 1),
                 "engine_memory_ratio": round(engine_mem / ref_engine, 3) if ref_engine else None,
-                "startup_s": d.get("startup_s"),
-                "execution": d["execution"],
+                "startup_s": described[b].get("startup_s"),
+                "execution": described[b]["execution"],
             }
         )
+    return rows
+
+
+def run_tasks_scaling(args: argparse.Namespace) -> dict:
+    from service.bench import report
+    from service.bench.machine import describe
+
+    bundles = [b for b in args.scaling_bundles.split(",") if b]
+    missing = [b for b in bundles if not (Path(b) / "manifest.json").exists()]
+    if missing:
+        raise SystemExit(
+            f"tasks-scaling: missing {missing}; build them: python scripts/make_scaling_bundles.py"
+        )
+    dev = args.device
+    mem, ips, described = _measure(args, bundles)
+    rows = _rows(bundles, mem, ips, described, dev)
     last = rows[-1]
+    config = {
+        "device": dev, "threads": args.threads, "max_batch_size": args.max_batch_size,
+        "batch_buckets": args.batch_buckets, "cuda_graphs": args.cuda_graphs, "seconds": args.seconds,
+        "rounds": args.scaling_rounds, "bundles": bundles,
+    }  # fmt: skip
     result = {
         "scenario": "tasks-scaling",
         "title": f"tasks scaling: 1/10/100 tasks, one backbone, uniform mixed load ({dev})",
         "machine": describe(dev),
-        "config": {
-            "device": dev,
-            "threads": args.threads,
-            "max_batch_size": mbs,
-            "batch_buckets": args.batch_buckets,
-            "cuda_graphs": args.cuda_graphs,
-            "seconds": args.seconds,
-            "rounds": args.scaling_rounds,
-            "bundles": bundles,
-        },
+        "config": config,
         "memory_kind": "device memory taken by start-up"
         if dev == "cuda"
         else "RSS after batches minus before",
@@ -245,15 +251,11 @@ def run_tasks_scaling(args: argparse.Namespace) -> dict:
     }
     cols = ["bundle", "tasks", "images_per_s", "throughput_ratio", "process_rss_mib", "rss_ratio"]
     cols += ["engine_memory_mib", "engine_memory_ratio", "startup_s", "execution"]
+    labels, values = [f"{r['tasks']} tasks" for r in rows], [r["images_per_s"] for r in rows]
     report.write(
-        Path(args.out),
-        f"tasks-scaling-{dev}",
-        result,
-        report.table(rows, cols),
-        lambda ax: report.bars(
-            ax, [f"{r['tasks']} tasks" for r in rows], [r["images_per_s"] for r in rows], "images/s"
-        ),
-    )
+        Path(args.out), f"tasks-scaling-{dev}", result, report.table(rows, cols),
+        lambda ax: report.bars(ax, labels, values, "images/s"),
+    )  # fmt: skip
     return result
 
 
