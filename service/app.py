@@ -33,6 +33,10 @@ def build_engine(settings: Settings, path: Path | None = None) -> Engine:
     """Verify the bundle at ``path`` (default: the configured one; raises BundleError) and build the
     onnxruntime engine (not started)."""
     bundle = load_bundle(path or settings.bundle, verify_sha256=settings.verify_sha256)
+    if settings.emulate_device_ms > 0:  # benchmarks of the front (issue 12): no onnxruntime
+        from service.emulated_engine import EmulatedEngine
+
+        return EmulatedEngine(bundle.manifest, settings.emulate_device_ms)
     warmup = sorted({1, settings.max_batch_size}) if settings.warmup else []
     return OrtEngine(
         bundle,
@@ -77,12 +81,15 @@ def create_app(
     engine: Engine | None = None,
     on_fatal: Callable[[str], None] | None = None,
     engine_factory: Callable[[Path], Engine] | None = None,
+    service: Service | None = None,
 ) -> FastAPI:
     """The FastAPI app. ``on_fatal(message)`` is called if the engine cannot start.
     ``engine_factory(path)`` builds the engine of a bundle ``POST /admin/reload`` loads (default: the
-    onnxruntime engine, :func:`build_engine`)."""
-    engine = engine if engine is not None else build_engine(settings)
-    service = Service(settings, engine, on_fatal, engine_factory or partial(build_engine, settings))
+    onnxruntime engine, :func:`build_engine`). An API process of ``--workers N`` passes its ``service``
+    (service/front_service.py: the same interface, the engine in another process) and no engine."""
+    if service is None:
+        engine = engine if engine is not None else build_engine(settings)
+        service = Service(settings, engine, on_fatal, engine_factory or partial(build_engine, settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

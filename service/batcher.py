@@ -151,7 +151,8 @@ class Batcher:
         self.per_task = per_task
         self.observe_segments = observe_segments
         self.observe_queue = observe_queue
-        self.queued_rows = 0
+        self._queued_rows = 0
+        self.on_queued: Callable[[], None] | None = None  # the engine process publishes the room
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtserve-engine")
         self._start = 0
         self._wakeup = asyncio.Event()
@@ -161,6 +162,16 @@ class Batcher:
         self._free_since = 0.0  # when the engine last finished its work (monotonic)
         self._in_flight: set[asyncio.Task] = set()  # batches handed to the executor, not yet done
         self._lock = threading.Lock()  # Job.started / Job.abandoned, across loop and executor
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @queued_rows.setter
+    def queued_rows(self, value: int) -> None:
+        self._queued_rows = value
+        if self.on_queued is not None:
+            self.on_queued()
 
     # -- admission ----------------------------------------------------------------------------
     def submit(self, task: str, x: np.ndarray, deadline: float) -> Job:

@@ -3,13 +3,21 @@
 Task labels come only from the loaded manifest: the outermost ASGI layer (service/outer_layer.py) counts a
 request only when its path names a known task, so an unknown task never creates a label.
 Every app has its own CollectorRegistry (tests build many apps in one process).
+
+With ``--workers N`` (several processes, ``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor before
+any of them starts) counters and histograms live in prometheus-client's multiprocess files and any
+API process renders the sum over all processes. The gauges are read at scrape time instead, never
+from those files: the queue depth from a function (in an API process: the engine's published room),
+the model served, and ``mtserve_process_cpu_seconds_total{process}`` from ``/proc``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from contract.manifest import Manifest
 from service.engine_types import SegmentRun
@@ -76,10 +84,9 @@ class Metrics:
             buckets=tuple(float(i) for i in range(1, len(tasks) + 1)),
             registry=r,
         )
-        self.queue_depth = Gauge("mtserve_queue_depth", "Rows admitted and waiting to be batched", registry=r)
-        self.model_info = Gauge(
-            "mtserve_model_info", "The bundle served", ["bundle", "version", "providers"], registry=r
-        )
+        self.queue_depth = self.live = ScrapeTime()
+        r.register(self.live)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.manifest = manifest
         self._add_labels(manifest)
 
@@ -99,8 +106,7 @@ class Metrics:
         if manifest is not None:
             self._add_labels(manifest)
             self.manifest = manifest
-        self.model_info.clear()
-        self.model_info.labels(self.manifest.name, self.manifest.version, ",".join(providers)).set(1)
+        self.live.model_info = (self.manifest.name, self.manifest.version, ",".join(providers))
 
     def observe_segments(self, runs: Sequence[SegmentRun]) -> None:
         """Called from the executor thread after every batch."""
@@ -116,7 +122,55 @@ class Metrics:
         self.queue_duration.labels(task).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(self.live)
+        return generate_latest(registry)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, from ``/proc/PID/stat`` (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of stat
+
+
+class ScrapeTime:
+    """The gauges read when scraped: ``mtserve_queue_depth`` (``set_function``), ``mtserve_model_info``
+    and the CPU seconds of every process of the server (``processes()`` -> name -> pid)."""
+
+    def __init__(self):
+        self.function: Callable[[], float] = lambda: 0.0
+        self.model_info: tuple[str, str, str] | None = None
+        self.processes: Callable[[], dict[str, int]] = lambda: {"main": os.getpid()}
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self.function = function
+
+    def collect(self):
+        depth = GaugeMetricFamily("mtserve_queue_depth", "Rows admitted and waiting to be batched")
+        depth.add_metric([], float(self.function()))
+        info = GaugeMetricFamily(
+            "mtserve_model_info", "The bundle served", labels=["bundle", "version", "providers"]
+        )
+        if self.model_info is not None:
+            info.add_metric(list(self.model_info), 1.0)
+        cpu = CounterMetricFamily(
+            "mtserve_process_cpu_seconds",
+            "CPU time (user + system) of each process of the server",
+            labels=["process"],
+        )
+        for name, pid in self.processes().items():
+            if (seconds := cpu_seconds(pid)) is not None:
+                cpu.add_metric([name], seconds)
+        return [depth, info, cpu]
 
 
 def task_of(path: str) -> str | None:

@@ -1,4 +1,5 @@
-"""``mtserve serve BUNDLE``: one uvicorn process, one device, one batcher.
+"""``mtserve serve BUNDLE``: one engine process per device (the batcher) behind ``--workers`` API processes
+(service/supervisor.py), or, with ``--workers 0``, one uvicorn process doing everything.
 
 Every option is also an ``MTSERVE_*`` environment variable (flags win). SIGTERM/SIGINT: stop
 admitting (503), finish every admitted request, exit 0. The admin token is never a flag (it would
@@ -32,6 +33,8 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--batching": ("batching", str, "cross-task (default) or per-task (the per-model baseline)"),
     "--batch-buckets": ("batch_buckets", str, "auto (CUDA: powers of 2; CPU: off), pow2, off, 1,2,4,8"),
     "--cuda-graphs": ("cuda_graphs", str, "on (default) or off: a CUDA graph per (variant, bucket)"),
+    "--workers": ("workers", str, "API processes before one engine process; 0 = one process (default auto)"),
+    "--emulate-device-ms": ("emulate_device_ms", float, "benchmarks: the engine sleeps per batch instead"),
     "--preprocess-workers": ("preprocess_workers", int, "decode threads (default: the CPUs available)"),
     "--model-dir": ("model_dir", str, "bundles POST /admin/reload may load (default: BUNDLE's parent)"),
     "--admin-token-file": ("admin_token_file", str, "file with the admin token (else no /admin)"),
@@ -68,12 +71,16 @@ def disable_onnxruntime_telemetry() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if settings.worker_count() > 0:  # API processes + one engine process (service/supervisor.py)
+        from service.supervisor import run_supervisor
+
+        return run_supervisor(settings, args.log_level, args.access_log)
     disable_onnxruntime_telemetry()  # before service.app imports onnxruntime
     import uvicorn
 
     from service.app import create_app
 
-    settings = settings_from(args)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=fmt)
     fatal: list[str] = []

@@ -23,6 +23,7 @@ def available_cpus() -> int:
 
 
 MIN_TOKEN_CHARS = 16
+AUTO_WORKERS_MAX = 4  # --workers auto: one API process per CPU, at most this many (docs/server.md)
 
 
 class Settings(BaseSettings):
@@ -64,6 +65,14 @@ class Settings(BaseSettings):
     cuda_graphs: Literal["on", "off"] = Field(
         "on", description="CUDA: replay one captured CUDA graph per (variant, bucket); needs batch buckets"
     )
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="API processes in front of one engine process (docs/server.md); 0 = everything in one "
+        "process; auto = min(CPUs available, 4)",
+    )
+    emulate_device_ms: float = Field(
+        0.0, ge=0, description="benchmarks: the engine sleeps this long per batch instead of computing"
+    )
     warmup: bool = True
     verify_sha256: bool = True
     model_dir: Path | None = Field(
@@ -84,6 +93,13 @@ class Settings(BaseSettings):
                 f"({self.max_images_per_request}), or a full request could never be admitted"
             )
         return self
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v):
+        if v != "auto" and not 0 <= v <= 64:
+            raise ValueError("workers must be auto or 0 ... 64")
+        return v
 
     @field_validator("batch_buckets")
     @classmethod
@@ -124,6 +140,12 @@ class Settings(BaseSettings):
 
     def inflight_limit(self) -> int:
         return self.max_inflight or self.queue_size + 2 * self.max_batch_size
+
+    def worker_count(self) -> int:
+        """API processes to start (0: one process serves everything)."""
+        if self.workers == "auto":
+            return min(available_cpus(), AUTO_WORKERS_MAX)
+        return self.workers
 
     def intra_op_threads(self) -> int:
         return self.threads or available_cpus()

@@ -1,0 +1,156 @@
+"""The API process's side of the wire (:mod:`service.wire`): one DEALER socket to the engine process.
+
+Every request gets an id and a future; one reader task resolves the futures as answers come back.
+A request whose client leaves, or whose waiter is cancelled (the outer layer's 504), sends a
+:class:`~service.wire.Cancel`: the engine abandons the job if it has not started computing.
+The engine's pid is watched (``pidfd_open`` on the event loop): if the engine process dies, every
+pending request fails at once with :class:`NotReady` (503) and so does every later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from contract.errors import ClientClosed, NotReady
+from service import wire
+
+log = logging.getLogger("mtserve.engine_client")
+ENGINE_DIED = "the engine process exited; the server is restarting"
+
+
+class EngineClient:
+    """``infer`` and ``call`` over the wire; ``on_death(reason)`` is called once if the engine dies."""
+
+    def __init__(self, endpoint: str, engine_pid: int, on_death: Callable[[str], None] | None = None):
+        self.endpoint = endpoint
+        self.engine_pid = engine_pid
+        self.on_death = on_death
+        self.pending: dict[int, asyncio.Future] = {}
+        self.dead: str | None = None
+        self._ids = itertools.count(1)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._pidfd: int | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._reader = loop.create_task(self._read(), name="mtserve-engine-reader")
+        try:
+            self._pidfd = os.pidfd_open(self.engine_pid)
+        except ProcessLookupError:
+            self._died()
+            return
+        loop.add_reader(self._pidfd, self._died)
+
+    async def stop(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close()
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def _died(self) -> None:
+        """The engine's pidfd is readable: it exited. Fail everything pending, now and later."""
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+        if self.dead is not None:
+            return
+        self.dead = ENGINE_DIED
+        log.error(
+            "engine process %d exited: %d pending request(s) answered 503", self.engine_pid, len(self.pending)
+        )
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(NotReady(ENGINE_DIED))
+        self.pending.clear()
+        if self.on_death is not None:
+            self.on_death(ENGINE_DIED)
+
+    def _send(self, msg, *frames) -> None:
+        assert self._sock is not None
+        self._sock.send_multipart([wire.encode(msg), *frames], copy=False)
+
+    def _open(self) -> tuple[int, asyncio.Future]:
+        if self.dead is not None:
+            raise NotReady(self.dead)
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        return rid, fut
+
+    async def infer(
+        self, task: str, x: np.ndarray, gen: int, deadline: float, disconnected: Awaitable | None = None
+    ) -> tuple[str, np.ndarray]:
+        """(version, probabilities [n, C]) of the rows ``x``; 504 / 429 / 503 as the engine answers;
+        499 (ClientClosed) if ``disconnected`` completes first (the engine is told to drop the job)."""
+        rid, fut = self._open()
+        self._send(wire.Infer(rid, task, gen, deadline, tuple(x.shape)), wire.tensor_frame(x))
+        watcher = None
+        if disconnected is not None:
+            watcher = asyncio.ensure_future(disconnected)
+            watcher.add_done_callback(functools.partial(self._client_left, rid))
+        try:
+            return await fut
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if self.pending.pop(rid, None) is not None and self.dead is None:  # not answered: drop it
+                self._send(wire.Cancel(rid))
+
+    def _client_left(self, rid: int, watcher: asyncio.Future) -> None:
+        if watcher.cancelled():  # answered first
+            return
+        watcher.exception()  # retrieved: whatever ended the watch, the client is gone
+        fut = self.pending.get(rid)
+        if fut is not None and not fut.done():
+            fut.set_exception(ClientClosed("client disconnected"))
+
+    async def call(self, method: str, arg: str | None = None) -> dict:
+        """An admin call (``reload``) run by the engine; its errors are raised here."""
+        rid, fut = self._open()
+        self._send(wire.Call(rid, method, arg))
+        try:
+            return await asyncio.shield(fut)  # a client that hangs up does not abandon a reload
+        finally:
+            if fut.done():
+                self.pending.pop(rid, None)
+
+    def _resolve(self, msg: wire.ToApi, frames: list) -> None:
+        fut = self.pending.pop(msg.id, None)
+        if fut is None or fut.done():  # cancelled meanwhile
+            return
+        if isinstance(msg, wire.Result):
+            fut.set_result((msg.version, wire.tensor_of(frames[0].buffer, msg.shape)))
+        elif isinstance(msg, wire.Failure):
+            fut.set_exception(wire.error_of(msg))
+        else:
+            fut.set_result(msg.data)
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                msg = wire.decode_to_api(frames[0].bytes)
+                self._resolve(msg, frames[1:])
+            except Exception:  # a bad answer fails its request (or nothing), never the reader
+                log.exception("engine answer dropped")

@@ -1,0 +1,227 @@
+"""The engine process of ``--workers N``: one per device, the only owner of the batcher and the sessions.
+
+It runs an asyncio loop that never touches HTTP: a ZeroMQ ROUTER socket receives the rows of every
+API process (:mod:`service.wire`), the batcher forms fair cross-task batches of all of them, and each
+answer goes back to the API process that asked. It reuses the single-process :class:`Service` (the
+served version, its batcher, live reload) and publishes what the API processes need without a message
+in the :class:`~service.engine_status.StatusBlock`: its room (rows queued, queue size) at every change,
+ready / draining / failed, and the model generation served.
+
+Live reload across processes: every loaded version gets a generation number. A request carries the
+generation its API process admitted it to and runs on that version, as in one process. The engine
+holds, for each API process, one lease on the version that process admits to; a process moves on when
+it has seen the new generation and has no request left on the old one (its ``api_gen`` slot), and the
+engine moves the lease with it, so the old version closes only once no API process can send it rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from functools import partial
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from contract.errors import InvalidInput, NotReady
+from service import wire
+from service.app import build_engine
+from service.engine_status import DRAINING, ENGINE_PID, FAILED, GEN, QUEUE_SIZE, QUEUED, READY, StatusBlock
+from service.served_version import ServedVersion
+from service.server_state import Service
+from service.settings import Settings
+
+log = logging.getLogger("mtserve.engine_core")
+POLL_S = 0.01  # how often the engine looks at the API processes' generations and its own state
+
+
+class EngineCore:
+    """Built in the engine process (verifies the bundle: BundleError), then :meth:`run`."""
+
+    def __init__(self, settings: Settings, block: StatusBlock, endpoint: str):
+        self.settings = settings
+        self.block = block
+        self.endpoint = endpoint
+        self.service = Service(settings, build_engine(settings), self._fatal, partial(build_engine, settings))
+        self.n_api = block.api_count()
+        self.gen = 0
+        self.units: dict[int, ServedVersion] = {}  # generation -> version, while it may get rows
+        self.held: list[int] = []  # per API process: the generation the engine holds its lease on
+        self.waiting: dict[tuple[bytes, int], asyncio.Future] = {}  # set when the API cancels
+        self.answering: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()
+        self.fatal: str | None = None
+        self._published: tuple | None = None
+        self.sock: zmq.asyncio.Socket | None = None
+
+    def _fatal(self, message: str) -> None:
+        self.fatal = message
+        self._publish_state()
+        self.stopping.set()
+
+    # -- what the API processes read ------------------------------------------------------------
+    def _publish_room(self) -> None:
+        self.block.ints[QUEUED] = sum(max(0, u.batcher.queued_rows) for u in self.units.values())
+
+    def _publish_state(self) -> None:
+        s = self.service
+        ints = self.block.ints
+        ints[READY], ints[DRAINING], ints[FAILED] = int(s.ready), int(s.draining), int(self.fatal is not None)
+        key = (self.gen, s.ready, s.draining, s.failed, self.fatal, s.reloads, s._reload is not None)
+        if key == self._published:
+            return
+        describe = getattr(s.engine, "describe", None)
+        info = {
+            "gen": self.gen,
+            "path": str(s.unit.path),
+            "status": s.status(),
+            "describe": describe() if describe is not None and s.ready else {},
+            "failed": self.fatal or s.failed,
+        }
+        self.block.publish(info)
+        ints[GEN] = self.gen  # after the blob: an API process that sees the generation finds its path
+        self._published = key
+
+    async def _register(self, unit: ServedVersion) -> None:
+        """A version that starts serving: a new generation, its room published at every change."""
+        self.gen += 1
+        self.units[self.gen] = unit
+        unit.batcher.on_queued = self._publish_room
+        if not self.held:  # the first version: every API process starts on it
+            for _ in range(self.n_api):
+                await unit.__aenter__()
+            self.held = [self.gen] * self.n_api
+        log.info("generation %d: version %s from %s", self.gen, unit.version, unit.path)
+
+    async def _move_leases(self) -> None:
+        for i, gen in enumerate(self.held):
+            now = self.block.api_gen(i)
+            if now > gen and now in self.units:
+                await self.units[now].__aenter__()
+                await self.units[gen].__aexit__(None, None, None)
+                self.held[i] = now
+
+    async def _release_leases(self) -> None:
+        for gen in self.held:
+            await self.units[gen].__aexit__(None, None, None)
+        self.held = []
+
+    async def _poll(self) -> None:
+        while True:
+            if self.service.unit is not self.units.get(self.gen):  # a reload swapped versions
+                await self._register(self.service.unit)
+            await self._move_leases()
+            for gen in [
+                g for g, u in self.units.items() if g != self.gen and u.closing and g not in self.held
+            ]:
+                del self.units[gen]
+            self._publish_state()
+            self._publish_room()
+            await asyncio.sleep(POLL_S)
+
+    # -- messages --------------------------------------------------------------------------------
+    def _send(self, ident: bytes, msg, *frames) -> None:
+        assert self.sock is not None
+        self.sock.send_multipart([ident, wire.encode(msg), *frames], copy=False)
+
+    def _infer(self, ident: bytes, msg: wire.Infer, frames: list) -> None:
+        unit = self.units.get(msg.gen)
+        try:
+            if unit is None:
+                raise NotReady(f"model generation {msg.gen} is not served (now {self.gen})")
+            unit.task(msg.task)
+            if len(frames) != 1:
+                raise InvalidInput(f"one tensor frame expected, got {len(frames)}")
+            x = wire.tensor_of(frames[0].buffer, msg.shape)
+            if x.ndim != 4 or list(x.shape[1:]) != list(unit.manifest.input.size):
+                raise InvalidInput(f"tensor of shape {list(x.shape)} for input {unit.manifest.input.size}")
+            job = unit.batcher.submit(msg.task, x, msg.deadline)  # 429 when full, 503 when stopping
+        except Exception as exc:
+            self._send(ident, wire.failure_of(msg.id, exc))
+            return
+        cancel = asyncio.get_running_loop().create_future()
+        self.waiting[ident, msg.id] = cancel
+        task = asyncio.get_running_loop().create_task(self._answer(ident, msg.id, unit, job, cancel))
+        self.answering.add(task)
+        task.add_done_callback(self.answering.discard)
+
+    async def _answer(self, ident: bytes, rid: int, unit: ServedVersion, job, cancel: asyncio.Future) -> None:
+        try:
+            probs = await unit.batcher.wait(job, cancel)  # 504 at the deadline; abandoned on cancel
+            out = np.stack(probs).astype(np.float32, copy=False)
+            self._send(ident, wire.Result(rid, unit.version, out.shape), wire.tensor_frame(out))
+        except Exception as exc:
+            self._send(ident, wire.failure_of(rid, exc))
+        finally:
+            self.waiting.pop((ident, rid), None)
+
+    async def _call(self, ident: bytes, msg: wire.Call) -> None:
+        try:
+            if msg.method != "reload":
+                raise InvalidInput(f"unknown engine call {msg.method!r}")
+            data = await self.service.reload(msg.arg)
+            self._send(ident, wire.Reply(msg.id, data))
+        except Exception as exc:
+            self._send(ident, wire.failure_of(msg.id, exc))
+
+    async def _read(self) -> None:
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            try:
+                msg = wire.decode_to_engine(frames[1].bytes)
+            except Exception as exc:  # a malformed message is logged, never fatal
+                log.warning("engine: undecodable message dropped (%s)", exc)
+                continue
+            if isinstance(msg, wire.Infer):
+                self._infer(ident, msg, frames[2:])
+            elif isinstance(msg, wire.Cancel):
+                cancel = self.waiting.get((ident, msg.id))
+                if cancel is not None and not cancel.done():
+                    cancel.set_result(None)
+            else:
+                task = loop.create_task(self._call(ident, msg))
+                self.answering.add(task)
+                task.add_done_callback(self.answering.discard)
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or the supervisor's death): drain, then return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        parent = os.pidfd_open(os.getppid())
+        loop.add_reader(parent, self.stopping.set)  # the supervisor died: stop too
+        ctx = zmq.asyncio.Context()
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+        ints = self.block.ints
+        ints[QUEUE_SIZE], ints[ENGINE_PID] = self.settings.queue_size, os.getpid()
+        await self._register(self.service.unit)
+        self._publish_state()  # the supervisor starts the API processes once this is published
+        await self.service.start()  # sessions + warm-up in the background; READY once done
+        tasks = [loop.create_task(self._read()), loop.create_task(self._poll())]
+        await self.stopping.wait()
+        log.info("engine: stopping (finishing every admitted request)")
+        self.service.draining = True
+        self._publish_state()
+        await self._release_leases()
+        await self.service.stop()  # finishes every queued job; the reader still answers cancels
+        if self.answering:
+            await asyncio.wait(set(self.answering))
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks)
+        loop.remove_reader(parent)
+        os.close(parent)
+        self.sock.close(linger=1000)  # the last answers leave before the socket closes
+        ctx.term()
+        return 1 if self.fatal else 0

@@ -1,0 +1,226 @@
+"""``mtserve serve --workers N`` (N >= 1): a supervisor, one engine process, N API processes.
+
+::
+
+    supervisor (binds the port once; starts, watches and stops the others)
+      |-- engine process: batcher + onnxruntime sessions + reload  (ROUTER  ipc://RUN/engine.sock)
+      |-- API process 0: uvicorn on the shared socket -> DEALER --'
+      |-- ...
+      '-- API process N-1
+
+The supervisor binds the listening socket and hands it to every API process (``pass_fds``; each runs
+``uvicorn.Server.run(sockets=[sock])``, the kernel spreads the connections). It starts the engine
+first and the API processes once the engine has verified the bundle. Children are started with
+``subprocess`` (spawn: nothing forked after threads), in their own session (a terminal's Ctrl-C reaches
+the supervisor only, which stops them in order), and watch the supervisor's pid.
+
+- SIGTERM / SIGINT: every API process drains (503 to new requests, admitted ones answered) and
+  exits; then the engine finishes what it holds and exits; the supervisor exits 0.
+- The engine process dies: the API processes answer 503 at once to everything pending and new, and
+  ``/readyz`` 503, for ``ENGINE_DEATH_GRACE_S``; then they are stopped and the supervisor exits 1,
+  so that the orchestrator restarts the pod (docs/server.md). An API process that dies is the same.
+
+A run directory (on ``/dev/shm``) holds the engine's socket, the status block and the
+``PROMETHEUS_MULTIPROC_DIR`` of every process; it is removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from service.engine_status import StatusBlock
+from service.settings import Settings
+
+log = logging.getLogger("mtserve.supervisor")
+ENGINE_DEATH_GRACE_S = 1.0  # API processes answer 503 this long after the engine died, then exit
+POLL_S = 0.05
+SETTINGS_ENV = "MTSERVE_CHILD_SETTINGS"
+FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def child_env(settings: Settings, run: Path) -> dict[str, str]:
+    """The children's environment: the settings (the admin token stays where it came from: the
+    environment or its file), the metrics directory, no telemetry."""
+    metrics = run / "metrics"
+    metrics.mkdir()
+    env = dict(os.environ)
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    env[SETTINGS_ENV] = settings.model_dump_json(exclude={"admin_token"})
+    return env
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, run: Path, log_level: str, access_log: bool):
+        self.settings = settings
+        self.run_dir = run
+        self.n = settings.worker_count()
+        self.block = StatusBlock(run / "status", create=True, n_api=self.n)
+        self.env = child_env(settings, run)
+        self.common = ["--run-dir", str(run), "--log-level", log_level] + (
+            ["--access-log"] if access_log else []
+        )
+        self.stop_signal: int | None = None
+        self.engine: subprocess.Popen | None = None
+        self.apis: list[subprocess.Popen] = []
+        self.drain_s = settings.timeout_ms / 1000.0 + 30.0
+
+    def _spawn(self, role: str, *args: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "service.supervisor", role, *args, *self.common]
+        return subprocess.Popen(cmd, env=self.env, pass_fds=fds, start_new_session=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def _engine_verified(self) -> int | None:
+        """Wait until the engine has verified the bundle and listens (None), or its exit code."""
+        assert self.engine is not None
+        while not self.block.info():
+            if (code := self.engine.poll()) is not None:
+                return code if code > 0 else 1
+            if self.stop_signal is not None:
+                return self._stop([self.engine])
+            time.sleep(POLL_S)
+        return None
+
+    def run(self, sock: socket.socket) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.engine = self._spawn("engine")
+        if (code := self._engine_verified()) is not None:
+            log.error("the engine process exited with %d before serving", code)
+            return code
+        fd = sock.fileno()
+        for i in range(self.n):
+            self.apis.append(self._spawn("api", "--index", str(i), "--fd", str(fd), fds=(fd,)))
+            self.block.set_api_pid(i, self.apis[-1].pid)
+        sock.close()  # the API processes hold it: once they have all closed it, connections are refused
+        log.info("serving on %s:%d: engine pid %d, %d API process(es)", self.settings.host,
+                 self.settings.port, self.engine.pid, self.n)  # fmt: skip
+        return self._watch()
+
+    def _watch(self) -> int:
+        assert self.engine is not None
+        while True:
+            if self.stop_signal is not None:
+                log.info("signal %d: draining every process", self.stop_signal)
+                return self._stop([*self.apis, self.engine])
+            if (code := self.engine.poll()) is not None:
+                log.error("the engine process exited (%d); stopping the API processes, exiting 1", code)
+                time.sleep(ENGINE_DEATH_GRACE_S)  # they answer 503 meanwhile (and /readyz 503)
+                self._stop(self.apis)
+                return 1
+            for i, api in enumerate(self.apis):
+                if (code := api.poll()) is not None:
+                    log.error("API process %d exited (%d); stopping the others, exiting 1", i, code)
+                    self._stop([a for a in self.apis if a is not api] + [self.engine])
+                    return 1
+            time.sleep(POLL_S)
+
+    def _stop(self, procs: list[subprocess.Popen]) -> int:
+        """SIGTERM the API processes (in parallel), wait for them, then the engine: 0 if all exit 0."""
+        apis = [p for p in procs if p is not self.engine]
+        code = 0
+        for group in (apis, [p for p in procs if p is self.engine]):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    rc = p.wait(timeout=self.drain_s)
+                except subprocess.TimeoutExpired:
+                    log.error("process %d did not stop within %.0f s: killed", p.pid, self.drain_s)
+                    p.kill()
+                    rc = p.wait()
+                code = code or (rc != 0)
+        return int(code)
+
+
+def run_supervisor(settings: Settings, log_level: str = "info", access_log: bool = False) -> int:
+    logging.basicConfig(level=log_level.upper(), format=FORMAT)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    run = Path(tempfile.mkdtemp(prefix="mtserve-", dir=shm))
+    try:
+        try:
+            sock = bind(settings)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+            return 1
+        return Supervisor(settings, run, log_level, access_log).run(sock)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+# -- the children --------------------------------------------------------------------------------
+def _child_settings() -> Settings:
+    return Settings(**json.loads(os.environ.pop(SETTINGS_ENV)))
+
+
+def engine_main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import onnxruntime  # ORT_DISABLE_TELEMETRY is set (child_env): no telemetry client starts
+
+    from contract.errors import BundleError
+    from service.engine_core import EngineCore
+
+    onnxruntime.disable_telemetry_events()
+
+    block = StatusBlock(Path(args.run_dir) / "status")
+    try:
+        core = EngineCore(_child_settings(), block, f"ipc://{args.run_dir}/engine.sock")
+    except BundleError as exc:
+        log.error("refused bundle: %s", exc)
+        return 2
+    try:
+        import uvloop
+
+        return uvloop.run(core.run())
+    except ImportError:
+        return asyncio.run(core.run())
+
+
+def api_main(args: argparse.Namespace) -> int:
+    from service.api_process import serve_api
+
+    block = StatusBlock(Path(args.run_dir) / "status")
+    sock = socket.socket(fileno=args.fd)
+    endpoint = f"ipc://{args.run_dir}/engine.sock"
+    return serve_api(_child_settings(), block, endpoint, args.index, sock, args.log_level, args.access_log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.supervisor", description="a child of mtserve serve"
+    )
+    parser.add_argument("role", choices=["engine", "api"])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--fd", type=int, default=-1)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--access-log", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=FORMAT)
+    return engine_main(args) if args.role == "engine" else api_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
