@@ -1,7 +1,12 @@
-"""Routes of DESIGN.md §5 (except /v2): thin: decode/validate, enqueue, await, answer."""
+"""Routes of DESIGN.md §5 (except /v2): thin: decode/validate, enqueue, await, answer.
+
+``POST /predict/{task}`` is answered by the lean path (service/hot_path.py) in front of FastAPI; the
+FastAPI route here documents it in OpenAPI and answers what the lean path leaves to FastAPI.
+"""
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -31,40 +36,46 @@ def task_info(s: Service, name: str) -> TaskInfo:
     )
 
 
-@router.post(
-    "/predict/{task}",
-    response_model=PredictResponse,
-    responses=ERRORS,
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "image/webp": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                        },
-                    }
-                },
-                "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
-            }
+PREDICT_BODY = {
+    "requestBody": {
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
         }
-    },
-)
-async def predict(request: Request, task: str, top_k_: int | None = Query(None, alias="top_k", ge=1)) -> dict:
-    """Classify one or several images for one task: raw image body, multipart ``file`` parts, or JSON."""
-    s = svc(request)
+    }
+}
+
+
+async def predict_answer(s: Service, request: Request, task: str, query_k: int | None) -> bytes:
+    """The ``/predict/{task}`` answer as JSON bytes (orjson): for the FastAPI route below and for the
+    lean path in front of it (service/hot_path.py), which answer identically."""
     async with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
         deadline = s.deadline(request)
         blobs, json_k = await read_images(request, s.settings.max_images_per_request)
         x = await s.preprocess(blobs)
         probs = await model.infer(task, x, request, deadline)
-    k = top_k_ or json_k or s.settings.top_k
-    predictions = [{"top_k": top_k(p, model.task(task).labels, k)} for p in probs]
-    return {"task": task, "model_version": model.version, "predictions": predictions}
+    k = query_k or json_k or s.settings.top_k
+    labels = model.task(task).labels
+    predictions = [{"top_k": top_k(p, labels, k)} for p in probs]
+    return orjson.dumps({"task": task, "model_version": model.version, "predictions": predictions})
+
+
+@router.post("/predict/{task}", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY)
+async def predict(
+    request: Request, task: str, top_k_: int | None = Query(None, alias="top_k", ge=1)
+) -> Response:
+    """Classify one or several images for one task: raw image body, multipart ``file`` parts, or JSON."""
+    return Response(await predict_answer(svc(request), request, task, top_k_), media_type="application/json")
 
 
 @router.get("/tasks", response_model=TaskList)

@@ -21,6 +21,7 @@ from contract.bundle import load_bundle
 from service import admin, api, errors, oip
 from service.engine import OrtEngine
 from service.engine_types import Engine
+from service.hot_path import HotPaths
 from service.outer_layer import OuterLayer
 from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
 from service.server_state import Service
@@ -55,7 +56,8 @@ class App(FastAPI):
 
     def build_middleware_stack(self):
         s = self.state.service
-        return OuterLayer(super().build_middleware_stack(), s.admission, s.metrics, s.settings.max_body_mb)
+        stack = HotPaths(super().build_middleware_stack(), s)  # /predict, /v2 infer: the lean path
+        return OuterLayer(stack, s.admission, s.metrics, s.settings.max_body_mb)
 
 
 def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:

@@ -13,8 +13,9 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from contract.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
@@ -26,6 +27,7 @@ from service.server_state import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
+JSON = "application/json"
 INPUTS = {"input": "FP32", "image": "BYTES"}  # the model metadata's inputs: name -> datatype
 
 
@@ -41,7 +43,74 @@ def _check_version(s: Service, task: str, model_version: str | None) -> None:
         raise UnknownTask(f"model {task!r} has no version {model_version!r}; it has {s.manifest.version!r}")
 
 
-def parse_request(body: bytes, header_length: str | None) -> tuple[V2InferRequest, bytes]:
+class Tensor:
+    """An input tensor of a request (the attributes of :class:`V2Tensor`, without pydantic)."""
+
+    __slots__ = ("data", "datatype", "name", "parameters", "shape")
+
+    def __init__(self, d: dict):
+        self.name, self.shape, self.datatype = d["name"], d["shape"], d["datatype"]
+        self.parameters, self.data = d.get("parameters"), d.get("data")
+
+
+class Output:
+    """A requested output (the attributes of :class:`V2RequestedOutput`)."""
+
+    __slots__ = ("name", "parameters")
+
+    def __init__(self, d: dict):
+        self.name, self.parameters = d["name"], d.get("parameters")
+
+
+class InferRequest:
+    """A request's ``id``, ``inputs`` and ``outputs`` (the attributes of :class:`V2InferRequest`)."""
+
+    __slots__ = ("id", "inputs", "outputs")
+
+    def __init__(self, d: dict):
+        self.id = d.get("id")
+        self.inputs = [Tensor(t) for t in d["inputs"]]
+        outputs = d.get("outputs")
+        self.outputs = None if outputs is None else [Output(o) for o in outputs]
+
+
+def _str(v) -> bool:
+    return type(v) is str
+
+
+def _opt_dict(d: dict, key: str) -> bool:
+    v = d.get(key)
+    return v is None or type(v) is dict
+
+
+def _plain_tensor(t) -> bool:
+    return (
+        type(t) is dict
+        and _str(t.get("name"))
+        and _str(t.get("datatype"))
+        and type(shape := t.get("shape")) is list
+        and all(type(v) is int for v in shape)
+        and _opt_dict(t, "parameters")
+    )
+
+
+def _plain(doc) -> bool:
+    """Whether ``doc`` is a request pydantic would take as it is (no coercion, no error): then the
+    fields are read without building the models; anything else goes through :class:`V2InferRequest`."""
+    if type(doc) is not dict or not _opt_dict(doc, "parameters"):
+        return False
+    if (i := doc.get("id")) is not None and not _str(i):
+        return False
+    inputs, outputs = doc.get("inputs"), doc.get("outputs")
+    if type(inputs) is not list or not inputs or not all(_plain_tensor(t) for t in inputs):
+        return False
+    return outputs is None or (
+        type(outputs) is list
+        and all(type(o) is dict and _str(o.get("name")) and _opt_dict(o, "parameters") for o in outputs)
+    )
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest | V2InferRequest, bytes]:
     """The JSON header (the whole body unless the binary tensor extension is used) and the binary part."""
     binary = b""
     if header_length is not None:
@@ -49,7 +118,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[V2InferReques
             raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} does not fit a body of {len(body)} bytes")
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
-        return V2InferRequest.model_validate(json.loads(body)), binary
+        doc = json.loads(body)
+        return (InferRequest(doc) if _plain(doc) else V2InferRequest.model_validate(doc)), binary
     except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: [[[[... nested deep
         raise InvalidInput(f"inference request: {(str(exc).splitlines() or ['invalid JSON'])[0]}") from None
 
@@ -77,7 +147,9 @@ def _flatten(data) -> list:
     return out
 
 
-def read_input(s: Service, req: V2InferRequest, binary: bytes) -> tuple[np.ndarray | None, list[bytes]]:
+def read_input(
+    s: Service, req: InferRequest | V2InferRequest, binary: bytes
+) -> tuple[np.ndarray | None, list[bytes]]:
     """(preprocessed tensor, None) for FP32, (None, encoded images) for BYTES; 422/413 otherwise."""
     if len(req.inputs) != 1:
         raise InvalidInput(f"expected one input ('input' FP32 or 'image' BYTES), got {len(req.inputs)}")
@@ -140,7 +212,7 @@ def _decode_string(v: str) -> bytes:
         raise InvalidInput("BYTES element: neither base64 nor encodable text") from None
 
 
-def requested_outputs(req: V2InferRequest) -> list[int | None]:
+def requested_outputs(req: InferRequest | V2InferRequest) -> list[int | None]:
     """Per requested output: its ``classification`` k, or None for the full FP32 tensor (checked
     before anything is computed)."""
     plan: list[int | None] = []
@@ -226,9 +298,14 @@ INFER_BODY = {
     responses=ERRORS,
     openapi_extra=INFER_BODY,
 )
-async def infer(request: Request, task: str, model_version: str | None = None) -> JSONResponse:
+async def infer(request: Request, task: str, model_version: str | None = None) -> Response:
     """Classify an FP32 tensor (preprocessed) or BYTES encoded images for one task."""
-    s = svc(request)
+    return Response(await infer_answer(svc(request), request, task, model_version), media_type=JSON)
+
+
+async def infer_answer(s: Service, request: Request, task: str, model_version: str | None) -> bytes:
+    """The infer answer as JSON bytes (orjson): for the FastAPI routes above and for the lean path in
+    front of them (service/hot_path.py), which answer identically."""
     async with s.acquire(task, model_version) as model:  # the version that computes the answer
         deadline = s.deadline(request)
         req, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
@@ -238,10 +315,11 @@ async def infer(request: Request, task: str, model_version: str | None = None) -
             x = await s.preprocess(blobs)
         probs = await model.infer(task, x, request, deadline)
     outputs = v2_outputs(plan, probs, model.task(task).labels)
-    body = {"model_name": task, "model_version": model.version, "id": req.id, "outputs": outputs}
-    return JSONResponse(body)
+    return orjson.dumps(
+        {"model_name": task, "model_version": model.version, "id": req.id, "outputs": outputs}
+    )
 
 
-async def infer_endpoint(request: Request) -> JSONResponse:
+async def infer_endpoint(request: Request) -> Response:
     """The same route for Starlette (path parameters from the request)."""
     return await infer(request, request.path_params["task"], request.path_params.get("model_version"))
