@@ -31,7 +31,8 @@ def create_backbone(name: str, num_classes: int, **kwargs) -> nn.Module:
     """``timm.create_model`` with a clear error for unknown or unsupported backbones."""
     if name not in timm.list_models() and not timm.is_model(name):
         raise BackboneError(f"unknown backbone {name!r}; supported families: {SUPPORTED_EXAMPLES}")
-    model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
+    kwargs.setdefault("pretrained", False)  # training.pretrained passes True with a pretrained_cfg_overlay
+    model = timm.create_model(name, num_classes=num_classes, **kwargs)
     if type(model).__name__ not in SUPPORTED:
         raise BackboneError(
             f"backbone {name!r} ({type(model).__name__}) is not supported; "

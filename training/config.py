@@ -70,6 +70,7 @@ class TrainConfig(_Frozen):
     tasks: dict[str, TaskConfig]
     backbone: str = "resnet18"
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool | str = False  # true | hf-hub:ORG/NAME | a local file (training.pretrained)
     plan: PlanName | dict[str, Assignment] | ProportionPlan = "bottom:1"
     input_size: int | tuple[int, int] = 224
     crop_pct: Annotated[float, Field(gt=0, le=1)] | None = None  # eval crop; None: the model's default

@@ -29,20 +29,24 @@ class BuiltRun:
     eval_tf: Any
 
 
-def build_run(cfg, data, pretrained: str | Path | None = None) -> BuiltRun:
+def build_run(cfg, data, pretrained: str | bool | Path | None = None) -> BuiltRun:
     """Resolve the plan, build the template (with pretrained weights) and the MultiTaskNet, transforms."""
     from models.backbone import create_backbone
     from models.network import plan_for_proportion
     from training.imagefolder import data_config, transforms
-    from training.pretrained import load_pretrained
+    from training.pretrained import create_pretrained
 
     classes = {d.name: len(d.classes) for d in data}
     plan = cfg.plan
     if hasattr(plan, "proportion"):
         plan, _ = plan_for_proportion(cfg.backbone, classes, plan.kind, plan.proportion, **cfg.timm_kwargs)
-    template = create_backbone(cfg.backbone, num_classes=classes[data[0].name], **cfg.timm_kwargs)
+    if pretrained is None:  # False: none, not even the config's (a resumed run has its own weights)
+        pretrained = getattr(cfg, "pretrained", False)
+    first = classes[data[0].name]
     if pretrained:
-        load_pretrained(template, pretrained)
+        template = create_pretrained(cfg.backbone, first, pretrained, **cfg.timm_kwargs)
+    else:
+        template = create_backbone(cfg.backbone, num_classes=first, **cfg.timm_kwargs)
     dc = data_config(template, cfg.image_hw, cfg.crop_pct)
     train_tf, eval_tf = transforms(dc, cfg.augment)
     keys = ("mean", "std", "interpolation", "crop_pct", "crop_mode")

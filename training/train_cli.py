@@ -13,7 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule is unchanged)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the run dir")
-    parser.add_argument("--pretrained", help="local timm/torchvision weights (.safetensors, .pth, .pt)")
+    parser.add_argument(
+        "--pretrained",
+        help="timm pretrained weights: 'true' (the backbone's default tag), hf-hub:ORG/NAME, or a local "
+        ".safetensors/.pth file (overrides the config's pretrained)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -119,7 +119,7 @@ class _Session:
         _check_run_dir(run_dir, resume, overwrite, dist.main)
         seed_everything(cfg.seed)
         data = [load_task(name, task.root) for name, task in cfg.tasks.items()]
-        run = build_run(cfg, data, pretrained=None if resume else pretrained)
+        run = build_run(cfg, data, pretrained=False if resume else pretrained)
         self.net = net = run.net
         self.run_config = run.config
         seed_everything(cfg.seed + dist.rank)
