@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from training.quantize_options import ACTIVATION_TYPES, CALIBRATE_METHODS, PRECISIONS, QuantizeOptions
+
+DEFAULTS = QuantizeOptions()
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="the fp32 bundle (as `mtserve export` writes it)")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     parser.add_argument(
         "--precision",
-        choices=("int8", "fp16"),
-        default="int8",
+        choices=PRECISIONS,
+        default=DEFAULTS.precision,
         help="int8: onnxruntime static quantization, QDQ, for the CPU (default); fp16: for CUDA",
     )
     parser.add_argument(
@@ -27,17 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-accuracy-drop",
         type=float,
-        default=1.0,
-        help="refuse the bundle if any task loses more top-1 points than this on its val split (default 1)",
+        default=DEFAULTS.max_accuracy_drop,
+        help="refuse the bundle if any task loses more top-1 points than this on its val split "
+        f"(default {DEFAULTS.max_accuracy_drop:g})",
     )
     parser.add_argument(
-        "--calibration-images", type=int, default=128, help="train images per segment variant (default 128)"
+        "--calibration-images",
+        type=int,
+        default=DEFAULTS.calibration_images,
+        help=f"train images per segment variant (default {DEFAULTS.calibration_images})",
     )
-    parser.add_argument("--calibrate-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    parser.add_argument("--calibrate-method", choices=CALIBRATE_METHODS, default=DEFAULTS.calibrate_method)
     parser.add_argument(
         "--per-channel",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=DEFAULTS.per_channel,
         help="per-channel int8 weights (default on)",
     )
     parser.add_argument(
@@ -48,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--activation-type",
-        choices=("uint8", "int8"),
-        default="uint8",
+        choices=ACTIVATION_TYPES,
+        default=DEFAULTS.activation_type,
         help="uint8 for x86 CPUs (default), int8 for ARM or TensorRT",
     )
     parser.add_argument(
@@ -60,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.quantize import QuantizeOptions, quantize_bundle
+    from training.quantize import quantize_bundle
 
     options = QuantizeOptions(
         precision=args.precision,
