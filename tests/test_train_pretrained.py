@@ -51,10 +51,10 @@ def test_local_file_through_timm(tmp_path: Path, source) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pth")  # a wrapped torch checkpoint
-    for path in (tmp_path / "w.safetensors", tmp_path / "w.pth"):
-        model = create_pretrained("test_resnet", 5, path)
-        assert _same_stem(model, source) and model.fc.out_features == 5  # classifier of another size dropped
+    model = create_pretrained(
+        "test_resnet", 5, tmp_path / "w.safetensors"
+    )  # (.pth: tests/test_train_loop.py)
+    assert _same_stem(model, source) and model.fc.out_features == 5  # classifier of another size dropped
     with pytest.raises(UserError, match="pretrained weights not found"):
         create_pretrained("test_resnet", 5, tmp_path / "none.pth")
     bad = {k: v.contiguous() for k, v in source.state_dict().items() if not k.startswith("layer4")}
