@@ -6,6 +6,7 @@ import base64
 import binascii
 import re
 
+import orjson
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -15,6 +16,7 @@ from contract.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import PredictJSON
 
 RAW_TYPES = ("image/", "application/octet-stream")
+_JSON_KEYS = frozenset(PredictJSON.model_fields)
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.ASCII)
 
 
@@ -50,6 +52,38 @@ async def _multipart(request: Request, limit: int) -> list[bytes]:
         await form.close()
 
 
+def _plain(doc) -> bool:
+    """A body :class:`PredictJSON` takes as it is: known keys, strings, a positive int ``top_k``."""
+    if type(doc) is not dict or not doc.keys() <= _JSON_KEYS:
+        return False
+    image, images, k = doc.get("image"), doc.get("images"), doc.get("top_k")
+    return (
+        (image is None or type(image) is str)
+        and (images is None or (type(images) is list and all(type(t) is str for t in images)))
+        and (k is None or (type(k) is int and k >= 1))
+    )
+
+
+def read_json(body: bytes) -> tuple[list[str], int | None]:
+    """The base64 texts and ``top_k`` of a JSON ``/predict`` body. orjson reads it; what is not a plain
+    body for :class:`PredictJSON` (or not strict UTF-8 JSON for orjson) is read by pydantic, whose
+    answer (coercions, the 422 message) is the one given."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if _plain(doc):
+        image, images = doc.get("image"), doc.get("images")
+        return ([image] if image is not None else []) + (images or []), doc.get("top_k")
+    try:
+        m = PredictJSON.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"JSON body: {loc}: {first['msg']}") from None
+    return ([m.image] if m.image is not None else []) + (m.images or []), m.top_k
+
+
 async def read_images(request: Request, limit: int) -> tuple[list[bytes], int | None]:
     """The encoded images of a /predict request and the JSON body's ``top_k`` if any.
 
@@ -62,16 +96,9 @@ async def read_images(request: Request, limit: int) -> tuple[list[bytes], int | 
     elif kind == "multipart/form-data":
         blobs = await _multipart(request, limit)
     elif kind == "application/json" or kind.endswith("+json"):
-        try:
-            body = PredictJSON.model_validate_json(await request.body())
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "body"
-            raise InvalidInput(f"JSON body: {loc}: {first['msg']}") from None
-        texts = ([body.image] if body.image is not None else []) + (body.images or [])
+        texts, top_k = read_json(await request.body())
         _check_count(len(texts), limit)
         blobs = [b64decode(t, f"images[{i}]") for i, t in enumerate(texts)]
-        top_k = body.top_k
     else:
         raise UnsupportedMediaType(
             f"media type {kind or '(none)'!r}: send image/jpeg, image/png, image/webp, "
