@@ -1,0 +1,82 @@
+"""The wire between API processes and the engine process (service/wire.py) and the engine's status
+block (service/engine_status.py), without processes."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+
+from contract import errors
+from service import wire
+from service.engine_status import GEN, QUEUE_SIZE, QUEUED, StatusBlock
+
+
+def test_messages_round_trip_as_msgpack_without_pickle():
+    for msg in (
+        wire.Infer(7, "digits", 3, 12.5, (2, 3, 32, 32)),
+        wire.Cancel(7),
+        wire.Call(8, "reload", "v2"),
+        wire.Call(9, "reload"),
+    ):
+        data = wire.encode(msg)
+        assert b"pickle" not in data and data[:1] != b"\x80"  # msgpack, not a pickle stream
+        assert wire.decode_to_engine(data) == msg
+    for msg in (wire.Result(7, "1", (2, 10)), wire.Failure(7, "QueueFull", "full"), wire.Reply(8, {"a": 1})):
+        assert wire.decode_to_api(wire.encode(msg)) == msg
+    with pytest.raises(msgspec.ValidationError):  # an engine message is not an API message
+        wire.decode_to_api(wire.encode(wire.Cancel(1)))
+
+
+def test_tensor_frames_are_views():
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    frame = wire.tensor_frame(x)
+    assert frame.obj is x or np.shares_memory(np.frombuffer(frame, np.float32), x)  # no copy
+    y = wire.tensor_of(bytes(frame), x.shape)
+    assert np.array_equal(x, y)
+    with pytest.raises(errors.InvalidInput):
+        wire.tensor_of(bytes(frame), (3, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.QueueFull("full"),
+        errors.DeadlineExceeded("late"),
+        errors.NotReady("loading"),
+        errors.ClientClosed("gone"),
+        errors.UnknownTask("nope"),
+        errors.Conflict("busy"),
+        errors.IncompatibleBundle("labels"),
+        errors.Forbidden("outside"),
+        errors.BundleError("bad sha256"),
+    ],
+)
+def test_errors_cross_the_wire_as_their_type(exc):
+    back = wire.error_of(wire.decode_to_api(wire.encode(wire.failure_of(3, exc))))
+    assert type(back) is type(exc) and str(back) == str(exc)
+    if isinstance(exc, errors.QueueFull):
+        assert back.headers == {"Retry-After": "1"}
+
+
+def test_unknown_errors_are_internal():
+    back = wire.error_of(wire.failure_of(1, KeyError("x")))
+    assert isinstance(back, RuntimeError) and not isinstance(back, errors.ServiceError)
+
+
+def test_status_block_shared_between_mappings(tmp_path):
+    engine = StatusBlock(tmp_path / "status", create=True, n_api=2)
+    api = StatusBlock(tmp_path / "status")
+    assert api.info() == {} and api.api_count() == 2
+    engine.ints[QUEUED], engine.ints[QUEUE_SIZE] = 5, 64
+    assert api.room() == (5, 64)
+    engine.publish({"gen": 1, "path": "/m/v1"})
+    engine.ints[GEN] = 1
+    assert api.info() == {"gen": 1, "path": "/m/v1"}
+    engine.publish({"gen": 2, "path": "/m/v2", "status": {"providers": ["CPUExecutionProvider"]}})
+    assert api.info()["path"] == "/m/v2"
+    api.set_api_gen(1, 2)
+    api.set_api_pid(0, 1234)
+    assert engine.api_gen(1) == 2 and engine.api_pids() == [1234, 0]
+    api.close()
+    engine.close()

@@ -1,0 +1,268 @@
+"""``mtserve serve --workers N``: a supervisor, one engine process, N API processes on one port
+(service/supervisor.py). Real processes on 127.0.0.1; each guarantee of the single process is checked
+across processes. The engine emulates a device (``--emulate-device-ms``: a batch sleeps, uses no CPU) where
+a test needs the engine busy for a known time; no test asserts a speed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving import png, serve
+
+TASKS = ["digits", "animals", "shapes"]
+TRUNK_ROWS = 'mtserve_batch_size_sum{segment="trunk"}'  # observed once a batch has run
+TAKEN = 'mtserve_queue_duration_seconds_count{task="digits"}'  # observed when a batch takes a request
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search("^" + re.escape(name) + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def children(pid: int) -> dict[str, int]:
+    """The supervisor's children by role: engine, api-0, api-1, ..."""
+    out = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"service.supervisor" in argv:
+            role = argv[argv.index(b"service.supervisor") + 1].decode()
+            if role == "api":
+                role = f"api-{argv[argv.index(b'--index') + 1].decode()}"
+            out[role] = int(child)
+    return out
+
+
+def run_dir(pid: int) -> Path:
+    argv = Path(f"/proc/{children(pid)['engine']}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(b"--run-dir") + 1].decode())
+
+
+def answered_by_pid(run: Path) -> dict[int, float]:
+    """pid -> requests answered 200, from prometheus-client's per-process files."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    out: dict[int, float] = {}
+    for path in (run / "metrics").glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            _, name, labels, _ = json.loads(key)
+            if name == "mtserve_requests_total" and labels.get("code") == "200":
+                out[pid] = out.get(pid, 0.0) + value
+    return out
+
+
+def raw_predict(port: int, task: str, blob: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    head = f"POST /predict/{task} HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+    head += f"content-length: {len(blob)}\r\n\r\n"
+    s.sendall(head.encode() + blob)
+    return s
+
+
+async def post(client: httpx.AsyncClient, task: str, seed: int = 0) -> httpx.Response:
+    return await client.post(f"/predict/{task}", content=png(seed), headers={"content-type": "image/png"})
+
+
+async def wait_metric(client: httpx.AsyncClient, name: str, at_least: float, limit_s: float = 10.0) -> float:
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = metric((await client.get("/metrics")).text, name)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+EMULATED = ("--workers", "2", "--log-level", "warning", "--emulate-device-ms")
+
+
+@pytest.fixture(scope="module")
+def emulated(tiny_bundle):
+    """2 API processes; each batch keeps the engine busy 1 s."""
+    with serve(tiny_bundle, *EMULATED, "1000", "--max-batch-size", "8", "--max-wait-ms", "0") as (
+        proc,
+        url,
+        _,
+    ):
+        yield proc, url
+
+
+def test_processes_and_readyz(emulated):
+    proc, url = emulated
+    assert set(children(proc.pid)) == {"engine", "api-0", "api-1"}
+    ready = httpx.get(url + "/readyz").json()
+    assert ready["status"] == "ready" and ready["providers"] == ["EmulatedDevice"]  # the engine's
+
+
+def test_one_batcher_mixes_the_requests_of_every_api_process(emulated):
+    """Requests of three tasks, accepted by both API processes, ride the same engine batches."""
+    proc, url = emulated
+    run = run_dir(proc.pid)
+    apis = {pid for role, pid in children(proc.pid).items() if role.startswith("api")}
+
+    async def scenario() -> tuple[str, str]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+            before = (await probe.get("/metrics")).text
+            for _ in range(5):  # the kernel picks the process that accepts: until both did
+                clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(13)]
+                taken = metric((await probe.get("/metrics")).text, TAKEN)
+                busy = asyncio.ensure_future(post(clients[0], "digits"))  # the engine: busy 1 s
+                await wait_metric(probe, TAKEN, taken + 1)
+                answers = await asyncio.gather(*(post(c, TASKS[i % 3], i) for i, c in enumerate(clients[1:])))
+                assert (await busy).status_code == 200
+                assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+                for c in clients:
+                    await c.aclose()
+                if set(answered_by_pid(run)) >= apis:
+                    break
+            return before, (await probe.get("/metrics")).text
+
+    before, after = asyncio.run(scenario())
+    assert set(answered_by_pid(run)) >= apis  # both API processes answered requests
+    single = 'mtserve_batch_tasks_bucket{le="1.0"}'
+    mixed = metric(after, "mtserve_batch_tasks_count") - metric(after, single)
+    assert mixed - (metric(before, "mtserve_batch_tasks_count") - metric(before, single)) >= 1
+
+
+def test_a_client_that_leaves_is_not_computed(emulated):
+    """Queued in the engine behind a busy batch, its client leaves: 499, its row never computed."""
+    _, url = emulated
+    port = int(url.rsplit(":", 1)[1])
+
+    async def scenario() -> tuple[float, float]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+            text = (await probe.get("/metrics")).text
+            before = metric(text, TRUNK_ROWS)
+            busy = asyncio.ensure_future(post(probe, "digits"))
+            await wait_metric(probe, TAKEN, metric(text, TAKEN) + 1)  # computing
+            lone = raw_predict(port, "shapes", png(5))
+            assert await wait_metric(probe, "mtserve_queue_depth", 1) >= 1  # queued in the engine
+            lone.close()
+            assert (await busy).status_code == 200
+            await wait_metric(probe, 'mtserve_requests_total{code="499",task="shapes"}', 1)
+            await asyncio.sleep(1.5)  # a batch the lone row would have ridden has finished
+            return before, metric((await probe.get("/metrics")).text, TRUNK_ROWS)
+
+    before, after = asyncio.run(scenario())
+    text = httpx.get(url + "/metrics").text
+    assert metric(text, 'mtserve_requests_total{code="499",task="shapes"}') == 1
+    assert after - before == 1  # only the busy request's row
+
+
+def test_one_metrics_endpoint_for_every_process(emulated):
+    proc, url = emulated
+    roles = children(proc.pid)
+    texts = [httpx.get(url + "/metrics").text for _ in range(6)]  # whichever API process answers
+    totals = {metric(t, 'mtserve_requests_total{code="200",task="digits"}') for t in texts}
+    assert len(totals) == 1 and totals.pop() >= 1  # the sum over processes, the same from each
+    for role in [*roles, "supervisor"]:
+        assert metric(texts[0], f'mtserve_process_cpu_seconds_total{{process="{role}"}}') > 0, role
+    assert 'mtserve_model_info{bundle="tiny",providers="EmulatedDevice",version="1"} 1.0' in texts[0]
+    assert len(re.findall("^mtserve_queue_depth ", texts[0], re.M)) == 1
+
+
+def test_deadline_and_429_before_the_body_across_processes(tiny_bundle):
+    """The engine busy 5 s with one row, the next batch (one row) ready behind it, its queue (2 rows)
+    full: a new request is answered 429 with Retry-After before its body is sent; the waiting ones
+    answer 504 at their deadline (2 s), while the engine still computes, and are never computed."""
+    args = ("5000", "--max-batch-size", "1", "--queue-size", "2", "--max-images-per-request", "2")
+    with serve(tiny_bundle, *EMULATED, *args, "--timeout-ms", "2000") as (_, url, _log):
+        port = int(url.rsplit(":", 1)[1])
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+                t0 = time.monotonic()
+                busy = [asyncio.ensure_future(post(probe, "digits", i)) for i in range(2)]
+                await wait_metric(probe, TAKEN, 2)  # one computing, one batched behind it
+                queued = [asyncio.ensure_future(post(probe, t)) for t in ("animals", "shapes")]
+                assert await wait_metric(probe, "mtserve_queue_depth", 2) == 2
+                with socket.create_connection(("127.0.0.1", port)) as s:  # headers only, no body
+                    s.sendall(b"POST /predict/digits HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+                              b"content-length: 1000000\r\n\r\n")  # fmt: skip
+                    shed = s.recv(4096).decode("latin-1")
+                answers = await asyncio.gather(*busy, *queued)
+                return t0, shed, answers, time.monotonic()
+
+        t0, shed, answers, t1 = asyncio.run(scenario())
+        assert shed.startswith("HTTP/1.1 429") and "retry-after: 1" in shed.lower(), shed
+        assert [r.status_code for r in answers] == [504] * 4
+        assert t1 - t0 < 5.0  # answered at the deadline, not when the engine got to them
+        time.sleep(5.5 - (time.monotonic() - t0))  # the busy batch is over: nothing else ran
+        assert metric(httpx.get(url + "/metrics").text, TRUNK_ROWS) == 1
+
+
+def test_sigterm_drains_every_process_and_exits_0(tiny_bundle):
+    with serve(tiny_bundle, *EMULATED, "300", "--max-batch-size", "2") as (proc, url, _log):
+        roles = children(proc.pid)
+        run = run_dir(proc.pid)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+                clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(8)]
+                pending = [asyncio.ensure_future(post(c, TASKS[i % 3], i)) for i, c in enumerate(clients)]
+                assert await wait_metric(probe, "mtserve_queue_depth", 2) >= 2
+                proc.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*pending)
+                for c in clients:
+                    await c.aclose()
+                return answers
+
+        answers = asyncio.run(scenario())
+        assert [r.status_code for r in answers] == [200] * 8  # admitted before SIGTERM: all answered
+        assert proc.wait(timeout=60) == 0
+        for pid in roles.values():
+            assert (
+                not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            )
+        assert not run.exists()
+
+
+def test_engine_death_answers_503_at_once_then_exits_non_zero(tiny_bundle):
+    with serve(tiny_bundle, *EMULATED, "30000", "--max-batch-size", "1") as (proc, url, _log):
+        engine = children(proc.pid)["engine"]
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as probe:
+                clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(3)]
+                pending = [asyncio.ensure_future(post(c, "digits", i)) for i, c in enumerate(clients)]
+                await wait_metric(probe, "mtserve_queue_depth", 2)  # one computing, two queued
+                t0 = time.monotonic()
+                os.kill(engine, signal.SIGKILL)
+                answers = await asyncio.gather(*pending)
+                waited = time.monotonic() - t0
+                ready = await probe.get("/readyz")
+                for c in clients:
+                    await c.aclose()
+                return answers, waited, ready
+
+        answers, waited, ready = asyncio.run(scenario())
+        assert [r.status_code for r in answers] == [503] * 3
+        assert all("engine process exited" in r.json()["error"]["message"] for r in answers)
+        assert waited < 30  # not when the batch would have finished
+        assert ready.status_code == 503
+        assert proc.wait(timeout=60) == 1  # the orchestrator restarts the pod
+
+
+def test_reload_under_load_with_two_api_processes(tmp_path_factory, tiny_bundle):
+    """tests/test_reload_e2e.py's scenario, with 2 API processes: every answer 200, every reload's
+    version served by every API process once the reload has returned."""
+    from tests import test_reload_e2e
+    from tests.test_reload import TOKEN, make_model_dir
+
+    models = make_model_dir(tmp_path_factory.mktemp("workers"), tiny_bundle, extra_versions=("3", "4"))
+    env = {"MTSERVE_ADMIN_TOKEN": TOKEN, "MTSERVE_MAX_WAIT_MS": "2"}
+    args = ("--workers", "2", "--threads", "1", "--max-batch-size", "16")
+    with serve(models / "v1", *args, env=env, log=models.parent / "server.log") as server:
+        test_reload_e2e.test_reloads_under_load_fail_no_request(server)
