@@ -70,4 +70,4 @@ async def reload(request: Request) -> dict:
     """Load, verify and warm up a bundle while the current one serves, then swap: requests admitted
     before the swap finish on the old version, later ones run on the new one. One at a time (409)."""
     body = parse_reload(await request.body())
-    return await svc(request).reload(body.bundle)
+    return await svc(request).reload(body.bundle, allow_remove=body.allow_remove)

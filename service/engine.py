@@ -37,6 +37,7 @@ from service.engine_paths import DirectPaths
 from service.engine_types import Call, SegmentRun
 from service.ort_setup import device_memory_used, register_shared_cpu_arena, rss_bytes
 from service.precision import check_precision
+from service.session_pool import SessionKey, SessionPool
 
 log = logging.getLogger("mtserve.engine")
 
@@ -72,6 +73,7 @@ class OrtEngine(BucketedPath, DirectPaths):
         cuda_graphs: bool = False,
         session_per_bucket: bool | None = None,
         session_factory: SessionFactory | None = None,
+        session_pool: SessionPool | None = None,
     ):
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -88,6 +90,15 @@ class OrtEngine(BucketedPath, DirectPaths):
             session_per_bucket = device == "cuda" and not self.cuda_graphs
         self.session_per_bucket = bool(session_per_bucket and self.buckets and self.io_binding)
         self._factory = session_factory
+        # sessions of unchanged files shared with other engines (a reload): keyed by sha256 + options
+        self._pool = session_pool
+        self._sha256 = {
+            str(bundle.path(s.name, v)): spec.sha256
+            for s in self.manifest.segments
+            for v, spec in s.variants.items()
+        }
+        self._fresh: set[str] | None = None if session_pool is None else set()  # files loaded, not reused
+        self.sessions_reused = 0
         self.providers: list[str] = []
         self.ready = False
         self.sessions: dict[tuple, object] = {}
@@ -136,7 +147,28 @@ class OrtEngine(BucketedPath, DirectPaths):
         import onnxruntime as ort
 
         factory = self._factory or ort.InferenceSession
-        return factory(str(path), self._options(fixed_batch), providers=self._providers(graphs))
+
+        def create():
+            return factory(str(path), self._options(fixed_batch), providers=self._providers(graphs))
+
+        if self._pool is None or graphs:  # a CUDA graph's captured buffers belong to one engine
+            return create()
+        options = (self.device, self.device_id, self.threads, self.shared_cpu_arena, fixed_batch)
+        key = SessionKey(self._sha256[str(path)], (*options, repr(self._providers()), self._factory))
+        sess, reused = self._pool.acquire(key, create, self)
+        self.sessions_reused += reused
+        if not reused and self._fresh is not None:
+            self._fresh.add(str(path))
+        return sess
+
+    def _warm_tasks(self) -> list[str]:
+        """The tasks a warm-up runs: all, or with a session pool only those using a file loaded now
+        (reused sessions are warm already)."""
+        tasks = list(self.manifest.tasks)
+        if self._fresh is None:
+            return tasks
+        uses = {t: {str(self.bundle.path(s, v)) for s, v in self._task_variants[t].items()} for t in tasks}
+        return [t for t in tasks if uses[t] & self._fresh]
 
     def _memory_now(self) -> int | None:
         return device_memory_used(self.device_id) if self.device == "cuda" else rss_bytes()
@@ -235,6 +267,7 @@ class OrtEngine(BucketedPath, DirectPaths):
             "buckets": list(self.buckets) if self.buckets else None,
             "cuda_graphs": self.cuda_graphs,
             "sessions": len({id(s) for s in self.sessions.values()}),
+            "sessions_reused": self.sessions_reused,
             "bucket_calls": len(self._bcalls),
             "cuda_graphs_captured": graphs,
             "buffers_bytes": int(buffers),
@@ -270,16 +303,17 @@ class OrtEngine(BucketedPath, DirectPaths):
         """Run every variant once: one batch per task, then one batch mixing every task."""
         shape = (n, *self.manifest.input.size)
         x = np.zeros(shape, dtype=np.float32)
-        for task in self.manifest.tasks:
+        tasks = self._warm_tasks()
+        for task in tasks:
             self.infer(x, [task] * n)
-        tasks = list(self.manifest.tasks)
-        self.infer(np.zeros((len(tasks), *shape[1:]), np.float32), tasks)
+        if tasks:
+            self.infer(np.zeros((len(tasks), *shape[1:]), np.float32), tasks)
 
     def _warmup_host_bucket(self, b: int) -> None:
         """Every (segment, variant) at bucket ``b`` on the host path: one batch of b rows per task
         runs every stem, the trunk and every head at b rows (per-task variants included)."""
         x = np.zeros((b, *self.manifest.input.size), dtype=np.float32)
-        for task in self.manifest.tasks:
+        for task in self._warm_tasks():
             self.infer(x, [task] * b)
 
     def stop(self) -> None:
@@ -287,6 +321,8 @@ class OrtEngine(BucketedPath, DirectPaths):
         self._bcalls.clear()
         self._copier = None
         self.sessions.clear()
+        if self._pool is not None:
+            self._pool.release_all(self)
 
     # -- inference ----------------------------------------------------------------------------
     def infer(self, x: np.ndarray, tasks: Sequence[str]) -> tuple[list[np.ndarray], list[SegmentRun]]:

@@ -124,10 +124,10 @@ class EngineClient:
         if fut is not None and not fut.done():
             fut.set_exception(ClientClosed("client disconnected"))
 
-    async def call(self, method: str, arg: str | None = None) -> dict:
+    async def call(self, method: str, arg: str | None = None, *, allow_remove: bool = False) -> dict:
         """An admin call (``reload``) run by the engine; its errors are raised here."""
         rid, fut = self._open()
-        self._send(wire.Call(rid, method, arg))
+        self._send(wire.Call(rid, method, arg, allow_remove))
         try:
             return await asyncio.shield(fut)  # a client that hangs up does not abandon a reload
         finally:

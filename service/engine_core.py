@@ -163,7 +163,7 @@ class EngineCore:
         try:
             if msg.method != "reload":
                 raise InvalidInput(f"unknown engine call {msg.method!r}")
-            data = await self.service.reload(msg.arg)
+            data = await self.service.reload(msg.arg, allow_remove=msg.allow_remove)
             self._send(ident, wire.Reply(msg.id, data))
         except Exception as exc:
             self._send(ident, wire.failure_of(msg.id, exc))

@@ -256,12 +256,12 @@ class FrontService:
     def status(self) -> dict:
         return dict(self.block.info().get("status", {}))
 
-    async def reload(self, requested: str | None) -> dict:
+    async def reload(self, requested: str | None, *, allow_remove: bool = False) -> dict:
         """Forwarded to the engine, which loads, verifies, warms up and swaps (every API process then
         admits to the new generation); returns once the old version is drained and closed."""
         if self.draining:
             raise NotReady("the server is shutting down")
-        result = await self.client.call("reload", requested)
+        result = await self.client.call("reload", requested, allow_remove=allow_remove)
         for _ in range(100):  # answer once this process admits to the new version
             self.sync()
             if self.unit.version == result.get("version"):

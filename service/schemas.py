@@ -123,6 +123,11 @@ class ReloadRequest(BaseModel):
         max_length=4096,
         description="bundle directory, relative to the model directory (or absolute inside it)",
     )
+    allow_remove: bool = Field(
+        False,
+        description="let the new version drop tasks served now (their requests then answer 404); without "
+        "it such a reload is refused with 409",
+    )
 
 
 class ReloadResult(BaseModel):

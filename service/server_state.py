@@ -205,7 +205,7 @@ class Service:
             "reload_in_progress": self._reload is not None,
         }
 
-    async def reload(self, requested: str | None) -> dict:
+    async def reload(self, requested: str | None, *, allow_remove: bool = False) -> dict:
         """Load, verify, warm up and swap in a bundle; one at a time (409), the old version serving
         meanwhile. Returns once the new version serves and the old one is drained and closed."""
         if self.draining:
@@ -217,7 +217,9 @@ class Service:
         if self.engine_factory is None:
             raise Conflict("this server was built without an engine factory: it cannot reload")
         target = self.resolve_bundle(requested)
-        self._reload = asyncio.get_running_loop().create_task(self._swap_in(target), name="mtserve-reload")
+        self._reload = asyncio.get_running_loop().create_task(
+            self._swap_in(target, allow_remove), name="mtserve-reload"
+        )
         # shielded: a client that hangs up does not abandon a half-done reload
         return await asyncio.shield(self._reload)
 
@@ -229,13 +231,14 @@ class Service:
         except OSError as exc:
             raise BundleError(f"{target}: cannot be read ({exc})") from exc
 
-    async def _swap_in(self, target: Path) -> dict:
+    async def _swap_in(self, target: Path, allow_remove: bool = False) -> dict:
         t0 = time.perf_counter()
         old = self.unit
         log.info("reload: loading %s (serving %s %s)", target, old.manifest.name, old.version)
         try:
             engine = await asyncio.to_thread(self._build, target)  # manifest, sha256, shapes
-            check_compatible(old.manifest, engine.manifest, str(target / "manifest.json"))
+            where = str(target / "manifest.json")
+            check_compatible(old.manifest, engine.manifest, where, allow_remove=allow_remove)
             t1 = time.perf_counter()
             unit = ServedVersion(engine, self.settings, self.metrics, target)
             try:

@@ -43,6 +43,7 @@ class Call(msgspec.Struct, tag="call", array_like=True):
     id: int
     method: str
     arg: str | None = None
+    allow_remove: bool = False  # reload: the new version may drop served tasks (issue 14)
 
 
 class Result(msgspec.Struct, tag="result", array_like=True):

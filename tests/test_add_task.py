@@ -303,5 +303,22 @@ def test_hot_add_under_load_fails_no_request(trained, added, tmp_path):
             metrics = client.get("/metrics").text
             assert re.search(r'mtserve_requests_total\{code="200",task="colors"\} [1-9]', metrics)
             assert 'mtserve_request_duration_seconds_count{task="colors"}' in metrics
+            # sessions of the unchanged files were reused: only the two new files were loaded
+            assert client.get("/readyz").json()["engine"]["sessions_reused"] == 7
+
+            # removing the task is an explicit admin action
+            from training.remove_task import remove_task
+
+            remove_task(models / "v2", "colors", models / "v3", log=lambda *_: None)
+            refused = client.post("/admin/reload", json={"bundle": "v3"}, headers=AUTH)
+            assert refused.status_code == 409 and "allow_remove" in refused.text
+            png_header = {"content-type": "image/png"}
+            assert client.post("/predict/colors", content=image, headers=png_header).is_success
+            done = client.post("/admin/reload", json={"bundle": "v3", "allow_remove": True}, headers=AUTH)
+            assert done.status_code == 200, done.text
+            gone = client.post("/predict/colors", content=image, headers=png_header)
+            assert gone.status_code == 404
+            assert [t["name"] for t in client.get("/tasks").json()["tasks"]] == list(TINY_TASKS)
+            assert answers(client) == before
         text = log.read_text()
         assert "reload: now serving tiny 1+colors" in text

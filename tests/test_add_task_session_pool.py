@@ -87,3 +87,73 @@ def test_concurrent_acquire_creates_once():
     assert key in pool
     pool.release_all(owners[-1])
     assert key not in pool
+
+
+def _with_new_task(src, dst):
+    """A copy of the tiny bundle plus task ``digits2``: digits' stem and trunk, its own head file (the
+    digits head with another doc string: other bytes, another sha256)."""
+    import json
+    import shutil
+
+    import onnx
+
+    from contract.bundle import sha256_file
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "segments/head/digits.onnx"))
+    model.doc_string = "digits2"
+    onnx.save(model, str(dst / "segments/head/digits2.onnx"))
+    m = json.loads((dst / "manifest.json").read_text())
+    head = m["segments"][-1]["variants"]
+    head["digits2"] = {**head["digits"], "file": "segments/head/digits2.onnx"}
+    head["digits2"]["sha256"] = sha256_file(dst / "segments/head/digits2.onnx")
+    m["tasks"]["digits2"] = {
+        **m["tasks"]["digits"],
+        "variants": {**m["tasks"]["digits"]["variants"], "head": "digits2"},
+    }
+    m["version"] = "2"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_engines_share_the_sessions_of_unchanged_files(tiny_bundle, tmp_path):
+    """A second engine (a reload) on a version that adds one head file reuses every other session
+    and warms only the task that uses the new one; releasing the old engine keeps what the new uses."""
+    import numpy as np
+
+    from contract.bundle import load_bundle
+    from service.engine import OrtEngine
+
+    v2 = _with_new_task(tiny_bundle, tmp_path / "v2")
+    pool = SessionPool()
+    calls: list[list[str]] = []
+
+    class Counting(OrtEngine):
+        def infer(self, x, tasks):
+            calls.append(list(tasks))
+            return super().infer(x, tasks)
+
+    bundle = load_bundle(tiny_bundle)
+    old = Counting(bundle, session_pool=pool)
+    old.start()
+    files = len(pool)
+    # 7 files (3 stems, a trunk, 3 heads), one session per distinct content: the untrained tiny
+    # bundle's stems are copies of one module, so are its two 10-class heads
+    distinct = {v.sha256 for s in bundle.manifest.segments for v in s.variants.values()}
+    assert files == len(distinct) < 7 and old.sessions_reused == 7 - files
+    calls.clear()
+    new = Counting(load_bundle(v2), session_pool=pool)
+    new.start()
+    assert new.sessions_reused == 7 and len(pool) == files + 1  # every unchanged file reused
+    for key, sess in old.sessions.items():
+        assert new.sessions[key] is sess
+    assert {t for c in calls for t in c} == {"digits2"}  # warm-up ran only the new task
+    assert new.describe()["sessions_reused"] == 7
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    a, _ = old.infer(x, ["digits"] * 3)
+    b, _ = new.infer(x, ["digits2", "digits", "animals"])
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    old.stop()
+    assert len(pool) == files + 1  # the new engine holds them all
+    new.stop()
+    assert len(pool) == 0
