@@ -25,6 +25,7 @@ from service.hot_path import HotPaths
 from service.outer_layer import OuterLayer
 from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
 from service.server_state import Service
+from service.session_pool import default_pool
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
@@ -47,6 +48,7 @@ def build_engine(settings: Settings, path: Path | None = None) -> Engine:
         warmup_batch_sizes=warmup,
         buckets=settings.bucket_sizes(),  # batch buckets + a CUDA graph per (variant, bucket) (issue 13)
         cuda_graphs=settings.cuda_graphs == "on" and settings.device == "cuda",
+        session_pool=default_pool(),  # a reload reuses the sessions of unchanged files (issue 14)
     )
 
 
