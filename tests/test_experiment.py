@@ -136,6 +136,11 @@ def test_quick_end_to_end_and_resume(tmp_path: Path) -> None:
     assert len(results["runs"]) == sum(n_plans.values())  # one seed in --quick
     assert results["settings"]["steps"] == 3 and results["command"].startswith("mtserve experiment paper")
     assert all(set(r["acc"]) == set(results["datasets"][r["dataset"]]["tasks"]) for r in results["runs"])
+    assert all((out / r["predictions"]).is_file() for r in results["runs"])  # per-image, every run
+    kinds = {r["plan"] for r in results["runs"]}
+    assert "shared+bn" in kinds and any(k.startswith("head:") for k in kinds)
+    table = (out / "table.md").read_text()
+    assert "McNemar alpha" in table and "paired bootstrap 95% CI" in table
     for rows in summarize(results).values():
         assert next(r for r in rows if r["kind"] == "independent")["delta_m"][0] == 0.0
     assert main(argv) == 0  # resumes: nothing left to run
@@ -170,7 +175,7 @@ def test_same_initial_function_for_every_plan(tmp_path: Path) -> None:
     }
     x = torch.randn(2, 3, 32, 32)
     outputs = {}
-    for plan in ("shared", "top:4", "bottom:2", "independent"):
+    for plan in ("shared", "top:4", "bottom:2", "independent", "shared+bn"):
         cfg = parse_config(train_config(data, ["alpha", "beta", "gamma"], plan, 7, settings))
         seed_everything(cfg.seed)  # what the trainer does before building the run
         net = build_run(cfg, [load_task(n, t.root) for n, t in cfg.tasks.items()]).net.eval()

@@ -187,9 +187,32 @@ def table_markdown(results: Mapping[str, Any], preds_root: Path | None = None) -
                     f"{g['bottom_wins']}/{len(g['seeds'])} seeds |"
                 )
             lines += stats_markdown(gaps, tasks)
+        lines += curve_markdown([r for r in results["runs"] if r["dataset"] == name])
     wall = sum(r["wall_s"] for r in results["runs"])
     lines += ["", f"{len(results['runs'])} runs, {wall / 60:.1f} min of training + evaluation in total."]
     return "\n".join(lines) + "\n"
+
+
+def curve_markdown(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Mean val top-1 (over seeds) at each evaluation, per plan: does training flatten out?"""
+    curves: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        for step, acc in r.get("curve") or []:
+            curves.setdefault(r["plan"], {}).setdefault(int(step), []).append(acc)
+    steps = sorted({s for c in curves.values() for s in c})
+    if len(steps) < 2:
+        return []
+    lines = [
+        "",
+        "| validation curve (mean top-1 %, mean over seeds) | "
+        + " | ".join(f"step {s}" for s in steps)
+        + " |",
+    ]
+    lines.append("| --- |" + " --- |" * len(steps))
+    for plan, c in curves.items():
+        cells = [f"{100 * statistics.fmean(c[s]):.1f}" if s in c else "" for s in steps]
+        lines.append(f"| {plan} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_png(results: Mapping[str, Any], path: Path) -> None:
