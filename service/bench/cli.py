@@ -13,12 +13,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from service.bench import api_cpu as api_cpu_scenario
 from service.bench import precision as precision_scenario
 from service.bench import tasks_scaling as scaling_scenario
+from service.bench import workers as workers_scenario
 from service.bench.context import BenchContext, BenchModel
 from service.settings import available_cpus
 
 SCENARIOS = ("engine", "overhead", "cross-task", "memory", "peer", "idle")
+# scenarios with bundles or servers of their own, run one at a time
+OWN_BUNDLES = ("precision", "tasks-scaling", "mixed-batch", "api-cpu", "workers")
 # scenario -> models it runs on by default in `all` (P3 needs independent bundles: resnet50 only)
 DEFAULT_MODELS = {
     "engine": "demo,r50",
@@ -33,7 +37,7 @@ DEFAULT_MODELS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "scenario",
-        choices=[*SCENARIOS, "all", "summary", "precision", "tasks-scaling", "mixed-batch"],
+        choices=[*SCENARIOS, "all", "summary", *OWN_BUNDLES],
         help="summary: rebuild summary.md from --out",
     )
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
@@ -52,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p99-r50-ms", type=float, default=2000.0, help="p99 target of resnet50")
     p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
     precision_scenario.add_arguments(p)
+    api_cpu_scenario.add_arguments(p)
+    workers_scenario.add_arguments(p)
     scaling_scenario.add_arguments(p)
 
 
@@ -115,6 +121,10 @@ def engine_scenario(ctx: BenchContext, model: BenchModel, run_engine) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.scenario == "precision":  # pairs of bundles of its own (docs/precision.md)
         precision_scenario.run_precision(args)
+        return 0
+    if args.scenario in ("api-cpu", "workers"):  # the front's cost and scaling (issue 12)
+        fn = api_cpu_scenario.run_api_cpu if args.scenario == "api-cpu" else workers_scenario.run_workers
+        print(json.dumps(fn(args)["figure"]))
         return 0
     if args.scenario in ("tasks-scaling", "mixed-batch"):  # bundles of their own (issue 13)
         scenario_fn = {

@@ -1,0 +1,234 @@
+"""``mtserve bench api-cpu``: CPU time per single-image ``/predict`` request spent on everything but the
+engine (HTTP, validation, decode, preprocess, answer), side by side with a minimal raw-ASGI app under
+uvicorn doing the same decode, preprocessing and JSON answer without an engine
+(service/bench/raw_asgi_app.py).
+
+Per server and round: a warm-up, then ``--requests`` POSTs of the demo PNG (top-5 JSON) from
+``hey -n N -c C`` (else the project's load generator), and the servers' CPU seconds from /proc before
+and after (service/bench/proc_cpu.py): all processes of the server except the engine process, and in a
+single-process server all threads except the engine's. Rounds interleave the servers, so that what
+else the machine runs weighs on each alike; the figure is the median over rounds, and the ratio
+ours/raw is taken per round. ``--baseline DIR`` adds the server of another source tree (a
+``git worktree`` of an older commit: a before/after A/B in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.bench import proc_cpu, report, server
+from service.bench.machine import describe
+
+ROOT = server.ROOT
+DEMO_PNG = "data/demo/digits/val/3"
+
+
+@dataclass
+class Target:
+    """A server under test: how to start it (``{port}`` filled in) and its CPU per round."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    ready: str = "/readyz"
+    rounds: list[dict] = field(default_factory=list)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("api-cpu and workers scenarios")
+    g.add_argument("--requests", type=int, default=3000, help="api-cpu: requests per server and round")
+    g.add_argument("--concurrency", type=int, default=8, help="api-cpu: connections (hey -c)")
+    g.add_argument("--image", help="api-cpu: the PNG to send (default: a demo digit, else synthetic)")
+    g.add_argument("--task", help="api-cpu: the task (default: digits if the bundle has it, else the first)")
+    g.add_argument("--baseline", action="append", default=[], help="api-cpu: another source tree to A/B")
+    g.add_argument("--server-args", default="", help="api-cpu, workers: extra `mtserve serve` flags")
+    g.add_argument("--name", default="api-cpu", help="api-cpu: the result's file name (no extension)")
+    g.add_argument("--ours-workers", default="0,1", help="api-cpu: the server's --workers values (0,1)")
+
+
+def demo_image(bundle: Path, given: str | None) -> bytes:
+    if given:
+        return Path(given).read_bytes()
+    found = sorted((ROOT / DEMO_PNG).glob("*.png"))
+    if found:
+        return found[0].read_bytes()
+    import io
+
+    from PIL import Image
+
+    from contract.bundle import load_bundle
+    from service.bench.payloads import image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image(load_bundle(bundle, verify_sha256=False).manifest, 0))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _supports(tree: Path, flag: str) -> bool:
+    src = tree / "service" / "serve_cli.py"
+    return src.exists() and f'"{flag}"' in src.read_text()
+
+
+def ours(name: str, tree: Path, bundle: Path, extra: list[str], workers: int | None = 0) -> Target:
+    """``mtserve serve`` of the source ``tree`` (``python -P``: the tree's modules, not the cwd's) with
+    ``--workers`` (0: one process) where the tree has the flag and ``extra`` does not set it."""
+    cmd = [sys.executable, "-P", "-m", "service.cli", "serve", str(bundle.resolve()), "--host", "127.0.0.1"]
+    cmd += ["--port", "{port}", "--queue-size", "100000", "--log-level", "warning"]
+    if workers is not None and _supports(tree, "--workers") and "--workers" not in extra:
+        cmd += ["--workers", str(workers)]
+    return Target(name, cmd + extra, {"PYTHONPATH": str(tree.resolve())})
+
+
+def raw(bundle: Path, inline: bool) -> Target:
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "service.bench.raw_asgi_app",
+        str(bundle.resolve()),
+        "--port",
+        "{port}",
+    ]
+    return Target("raw-inline" if inline else "raw", cmd + (["--inline"] if inline else []), ready="/")
+
+
+def load(port: int, path: str, body: bytes, n: int, c: int, png: Path) -> dict:
+    """``n`` POSTs over ``c`` connections; status codes and requests/s (hey when on PATH)."""
+    hey = shutil.which("hey")
+    url = f"http://127.0.0.1:{port}{path}"
+    t0 = time.perf_counter()
+    if hey:
+        cmd = [hey, "-n", str(n), "-c", str(c), "-m", "POST", "-T", "image/png", "-D", str(png), url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+        codes = {k: int(v) for k, v in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+        tail = out.partition("Error distribution:")[2]
+        errors = sum(int(v) for v in re.findall(r"^\s+\[(\d+)\]\s", tail, re.M))
+        return {"tool": "hey", "codes": codes, "errors": errors, "wall_s": time.perf_counter() - t0}
+    from service.bench.loadgen import http_post, run
+
+    codes = run(_own_load(port, http_post(path, body, "image/png"), n, c))
+    return {"tool": "loadgen", "codes": codes, "errors": 0, "wall_s": time.perf_counter() - t0}
+
+
+async def _own_load(port: int, request: bytes, n: int, c: int) -> dict[str, int]:
+    from service.bench.loadgen import HOST, _exchange
+
+    codes: dict[str, int] = {}
+
+    async def client(k: int) -> None:
+        conn = await asyncio.open_connection(HOST, port)
+        try:
+            for _ in range(k):
+                code = str(await _exchange(conn, request))
+                codes[code] = codes.get(code, 0) + 1
+        finally:
+            conn[1].close()
+
+    await asyncio.gather(*(client(n // c + (i < n % c)) for i in range(c)))
+    return codes
+
+
+def measure(t: Target, port: int, pid: int, args, path: str, body: bytes, png: Path) -> dict:
+    """One round of one server: CPU per request by role (ms), requests/s, status codes."""
+    names = proc_cpu.names_of(pid)
+    before = proc_cpu.Snapshot.take(pid)
+    got = load(port, path, body, args.requests, args.concurrency, png)
+    after = proc_cpu.Snapshot.take(pid)
+    for p, n in proc_cpu.names_of(pid).items():  # threads started during the run
+        names.setdefault(p, {}).update(n)
+    cpu = proc_cpu.by_role(before, after, names)
+    n = sum(got["codes"].values()) or args.requests  # hey sends n // c per connection
+    row = {"server": t.name, "requests": n, "rps": round(n / got["wall_s"], 1)}
+    row |= {f"{k}_ms": round(v / n * 1e3, 4) for k, v in cpu.items()}
+    row |= {"codes": {str(k): v for k, v in got["codes"].items()}, "tool": got["tool"]}
+    row["loadavg"] = round(os.getloadavg()[0], 2)
+    return row
+
+
+def summarize(targets: list[Target]) -> tuple[list[dict], dict]:
+    """Per server the median over rounds; per ``ours*`` server its ratio to ``raw`` (median of the
+    per-round ratios) and to ``raw-inline``."""
+    rows, ratios = [], {}
+    for t in targets:
+        row = {"server": t.name, "rounds": len(t.rounds)}
+        for key in ("front_ms", "loop_ms", "decode_ms", "other_ms", "unnamed_ms", "engine_ms", "rps"):
+            row[key] = round(statistics.median(r[key] for r in t.rounds), 4)
+        rows.append(row)
+    by = {t.name: t for t in targets}
+    for t in targets:
+        if not t.name.startswith("ours"):
+            continue
+        for ref in ("raw", "raw-inline"):
+            if ref in by:
+                per = [a["front_ms"] / b["front_ms"] for a, b in zip(t.rounds, by[ref].rounds, strict=True)]
+                ratios[f"{t.name}/{ref}"] = round(statistics.median(per), 3)
+    return rows, ratios
+
+
+def targets_of(args, bundle: Path) -> list[Target]:
+    extra = args.server_args.split()
+    out: list[Target] = []
+    for tree in [ROOT, *map(Path, args.baseline)]:
+        name = "ours" if tree == ROOT else f"ours@{tree.name}"
+        if "--workers" in extra or not _supports(tree, "--workers"):
+            out.append(ours(name, tree, bundle, extra, None))
+        else:  # one process, and API processes before an engine process
+            out += [ours(f"{name}-w{w}", tree, bundle, extra, int(w)) for w in args.ours_workers.split(",")]
+    return [*out, raw(bundle, inline=False), raw(bundle, inline=True)]
+
+
+def run_api_cpu(args) -> dict:
+    """The scenario (see the module's docstring); writes ``--out/--name.{json,md,png}``."""
+    import contextlib
+    import tempfile
+
+    from contract.bundle import load_bundle
+
+    bundle = Path(args.demo)
+    manifest = load_bundle(bundle, verify_sha256=False).manifest
+    task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
+    body, path = demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
+    targets = targets_of(args, bundle)
+    result = {
+        "scenario": "api-cpu",
+        "title": "CPU per single-image /predict request outside the engine: mtserve vs a raw ASGI app",
+        "bundle": str(bundle),
+        "machine": describe("cpu"),
+        "config": {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
+                   "task": task, "image_bytes": len(body), "server_args": args.server_args,
+                   "baselines": args.baseline},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        png = Path(tmp) / "image.png"
+        png.write_bytes(body)
+        started = []
+        for t in targets:
+            port = server.free_port()
+            cmd = [a.replace("{port}", str(port)) for a in t.cmd]
+            proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
+            load(port, path, body, max(200, args.requests // 10), args.concurrency, png)  # warm-up
+            started.append((t, port, proc.pid))
+        for r in range(args.rounds):
+            for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
+                t.rounds.append(measure(t, port, pid, args, path, body, png))
+                print(f"round {r + 1} {t.name}: {t.rounds[-1]['front_ms']:.3f} ms CPU/request", flush=True)
+    rows, ratios = summarize(targets)
+    result |= {"rows": rows, "ratios": ratios, "rounds": [r for t in targets for r in t.rounds]}
+    result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["figure"] = {"front_ms": {r["server"]: r["front_ms"] for r in rows}, "ratios": ratios}
+    md = report.table(rows, list(rows[0])) + "\n" + "".join(f"- {k}: **{v}**\n" for k, v in ratios.items())
+    names, values = [r["server"] for r in rows], [r["front_ms"] for r in rows]
+    report.write(
+        Path(args.out), args.name, result, md, lambda ax: report.bars(ax, names, values, "ms CPU / request")
+    )
+    return result

@@ -1,0 +1,105 @@
+"""``mtserve bench workers``: throughput against ``--workers`` (API processes before one engine process)
+with an engine that emulates a device (``--emulate-device-ms``: each batch sleeps, no CPU), so that
+what scales is the front (HTTP, decode, preprocess, answer, the wire) even on a 2-core machine.
+
+One server per workers value, all started first; then rounds that interleave them: per server
+``--requests`` single-image ``/predict`` POSTs (the demo PNG, top-5) over ``--workers-concurrency``
+connections (hey, else the project's load generator), requests/s and the CPU per request outside the
+engine process (service/bench/proc_cpu.py). The figure: median requests/s per workers value and its
+ratio to the first value (1 worker by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from service.bench import api_cpu, report, server
+from service.bench.machine import describe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workers scenario")
+    g.add_argument("--workers-list", default="1,2,4", help="workers: the --workers values (default 1,2,4)")
+    g.add_argument("--emulate-device-ms", type=float, default=2.0, help="workers: ms per emulated batch")
+    g.add_argument("--workers-concurrency", type=int, default=32, help="workers: connections")
+
+
+def supported() -> str | None:
+    """Why the scenario cannot run on this tree (no ``--workers`` or ``--emulate-device-ms``), or None."""
+    for flag in ("--workers", "--emulate-device-ms"):
+        if not api_cpu._supports(server.ROOT, flag):
+            return f"`mtserve serve` has no {flag} flag in this tree"
+    return None
+
+
+def _target(bundle: Path, workers: int, args) -> api_cpu.Target:
+    extra = ["--workers", str(workers), "--emulate-device-ms", str(args.emulate_device_ms)]
+    extra += ["--max-batch-size", str(args.max_batch_size), *args.server_args.split()]
+    t = api_cpu.ours(f"workers={workers}", server.ROOT, bundle, extra)
+    return t
+
+
+def _rows(targets: list[api_cpu.Target]) -> list[dict]:
+    rows = []
+    for t in targets:
+        row = {"server": t.name, "rounds": len(t.rounds)}
+        for key in ("rps", "front_ms", "engine_ms"):
+            row[key] = round(statistics.median(r[key] for r in t.rounds), 3)
+        row["codes"] = t.rounds[-1]["codes"]
+        rows.append(row)
+    base = rows[0]["rps"] or float("nan")
+    for row in rows:
+        row["x_first"] = round(row["rps"] / base, 3)
+    return rows
+
+
+def run_workers(args) -> dict:
+    """The scenario; writes ``--out/workers.{json,md,png}``. Refuses (SystemExit) on a tree without the
+    flags it needs."""
+    if (why := supported()) is not None:
+        raise SystemExit(f"bench workers: {why}")
+    from contract.bundle import load_bundle
+
+    bundle = Path(args.demo)
+    manifest = load_bundle(bundle, verify_sha256=False).manifest
+    task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
+    body, path = api_cpu.demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
+    values = [int(v) for v in args.workers_list.split(",")]
+    targets = [_target(bundle, w, args) for w in values]
+    load_args = argparse.Namespace(requests=args.requests, concurrency=args.workers_concurrency)
+    result = {
+        "scenario": "workers",
+        "title": f"/predict requests/s vs --workers, device emulated ({args.emulate_device_ms:g} ms/batch)",
+        "bundle": str(bundle),
+        "machine": describe("cpu"),
+        "config": {"workers": values, "emulate_device_ms": args.emulate_device_ms, "requests": args.requests,
+                   "concurrency": args.workers_concurrency, "rounds": args.rounds, "task": task,
+                   "max_batch_size": args.max_batch_size, "server_args": args.server_args},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        png = Path(tmp) / "image.png"
+        png.write_bytes(body)
+        started = []
+        for t in targets:
+            port = server.free_port()
+            cmd = [a.replace("{port}", str(port)) for a in t.cmd]
+            proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
+            api_cpu.load(port, path, body, max(200, args.requests // 10), args.workers_concurrency, png)
+            started.append((t, port, proc.pid))
+        for r in range(args.rounds):
+            for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
+                t.rounds.append(api_cpu.measure(t, port, pid, load_args, path, body, png))
+                print(f"round {r + 1} {t.name}: {t.rounds[-1]['rps']:.0f} requests/s", flush=True)
+    rows = _rows(targets)
+    result |= {"rows": rows, "rounds": [r for t in targets for r in t.rounds]}
+    result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["figure"] = {row["server"]: {"rps": row["rps"], "x_first": row["x_first"]} for row in rows}
+    names, rps = [r["server"] for r in rows], [r["rps"] for r in rows]
+    md = report.table(rows, list(rows[0]))
+    report.write(Path(args.out), "workers", result, md, lambda ax: report.bars(ax, names, rps, "requests/s"))
+    return result
