@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="resnet34", help="timm backbone (default resnet34)")
     p.add_argument(
         "--timm-kwargs",
-        default='{"channels": [16, 32, 64, 128], "stem_width": 16}',
+        default='{"channels": [16, 32, 64, 128]}',
         help="JSON timm.create_model kwargs (default: quarter-width ResNet)",
     )
     p.add_argument("--input-size", type=int, default=32)
