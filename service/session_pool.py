@@ -16,6 +16,7 @@ buffers belong to one engine).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -107,6 +108,10 @@ class SessionPool:
 _default = SessionPool()
 
 
-def default_pool() -> SessionPool:
-    """The process's pool: every engine the server builds (the first one and each reload) uses it."""
+def default_pool() -> SessionPool | None:
+    """The process's pool: every engine the server builds (the first one and each reload) uses it.
+    ``MTSERVE_SESSION_REUSE=0`` turns reuse off (every version loads all of its files; the A/B of
+    results/add-task)."""
+    if os.environ.get("MTSERVE_SESSION_REUSE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
     return _default

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -52,6 +53,27 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (the server may run an engine process and API processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            todo += [int(c) for c in children]
+    return out
+
+
+def tree_rss(pid: int) -> dict[int, int]:
+    """RSS of every process of the server's tree, by pid."""
+    out = {}
+    for p in process_tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            out[p] = rss_bytes(p)
+    return out
 
 
 def png_bytes(path: Path | None, seed: int, size: int) -> bytes:
@@ -189,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         fashion_val = val_images(args.data, args.eval_per_class)
         bodies[args.task] = fashion_val[0][0].read_bytes()
         before = answers(client, old_tasks, tensors, pngs)
-        for _ in range(20):  # steady state before measuring memory
-            client.post(f"/predict/{old_tasks[0]}", content=pngs[0], headers={"content-type": "image/png"})
-        rss0 = rss_bytes(server.pid)
+        for i in range(60):  # steady state before measuring memory
+            t = old_tasks[i % len(old_tasks)]
+            client.post(f"/predict/{t}", content=bodies[t], headers={"content-type": "image/png"})
+        rss0 = tree_rss(server.pid)
 
         load = Load(url, old_tasks, bodies, args.clients, args.pause_ms / 1000)
         load.thread.start()
@@ -233,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             r.raise_for_status()
             served += r.json()["predictions"][0]["top_k"][0]["label"] == label
-        for _ in range(20):
-            client.post(f"/predict/{old_tasks[0]}", content=pngs[0], headers={"content-type": "image/png"})
-        rss1 = rss_bytes(server.pid)
+        for i in range(60):  # the same steady state (the new task was just served above)
+            t = old_tasks[i % len(old_tasks)]
+            client.post(f"/predict/{t}", content=bodies[t], headers={"content-type": "image/png"})
+        rss1 = tree_rss(server.pid)
         tasks_route = client.get("/tasks").json()
         v2_meta = client.get(f"/v2/models/{args.task}")
         v2_ready = client.get(f"/v2/models/{args.task}/ready")
@@ -283,10 +307,13 @@ def main(argv: list[str] | None = None) -> int:
             "other_tasks_bit_identical": identical,
             "unchanged_files_same_sha256": all(new_files[f] == h for f, h in old_files.items()),
             "new_files_bytes": added_files,
-            "rss_before_bytes": rss0,
+            "rss_before_bytes": rss0,  # pid -> bytes, every process of the server
             "rss_after_bytes": rss1,
-            "rss_growth_bytes": rss1 - rss0,
-            "rss_growth_over_new_files": round((rss1 - rss0) / new_bytes, 3) if new_bytes else None,
+            "rss_growth_bytes": sum(rss1.values()) - sum(rss0.values()),
+            "rss_growth_by_pid": {p: rss1.get(p, 0) - rss0.get(p, 0) for p in rss0 | rss1},
+            "rss_growth_over_new_files": (
+                round((sum(rss1.values()) - sum(rss0.values())) / new_bytes, 3) if new_bytes else None
+            ),
             "new_task_served_top1": served / len(fashion_val),
             "new_task_served_images": len(fashion_val),
             "in_tasks_route": args.task in [t["name"] for t in tasks_route["tasks"]],
