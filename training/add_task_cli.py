@@ -54,6 +54,11 @@ def config_from(args: argparse.Namespace):
         data = yaml.safe_load(args.config.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{args.config}: expected a mapping at the top level")
+        schedule = data.pop("schedule", None) or {}  # mtserve train's spelling: schedule: {steps, ...}
+        known = {"steps", "warmup_steps", "min_lr_ratio", "kind"}
+        if not isinstance(schedule, dict) or set(schedule) - known:
+            raise ValueError(f"{args.config}: schedule takes steps, warmup_steps, min_lr_ratio")
+        data = {k: v for k, v in schedule.items() if k != "kind"} | data
     flags = {
         "steps": args.steps,
         "own": args.own,
