@@ -204,6 +204,10 @@ class Batcher:
                 job.future.set_exception(exc)
         return True
 
+    def cancel(self, job: Job) -> None:
+        """Its requester went away (the engine process got a cancel): never computed if not started."""
+        self._abandon(job)
+
     def _expire(self, job: Job) -> None:
         """The deadline timer: 504 now. A job that has not started never does; one computing finishes
         its batch (rows are computed together) and its rows are dropped."""

@@ -1,6 +1,7 @@
 """The API process's side of the wire (:mod:`service.wire`): one DEALER socket to the engine process.
 
-Every request gets an id and a future; one reader task resolves the futures as answers come back.
+Every request gets an id and a future; the socket's reader callback (service/zmq_loop.py) resolves
+them as answers come back.
 A request whose client leaves, or whose waiter is cancelled (the outer layer's 504), sends a
 :class:`~service.wire.Cancel`: the engine abandons the job if it has not started computing.
 The engine's pid is watched (``pidfd_open`` on the event loop): if the engine process dies, every
@@ -18,10 +19,10 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from contract.errors import ClientClosed, NotReady
 from service import wire
+from service.zmq_loop import LoopSocket
 
 log = logging.getLogger("mtserve.engine_client")
 ENGINE_DIED = "the engine process exited; the server is restarting"
@@ -37,18 +38,17 @@ class EngineClient:
         self.pending: dict[int, asyncio.Future] = {}
         self.dead: str | None = None
         self._ids = itertools.count(1)
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: LoopSocket | None = None
         self._pidfd: int | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
-        self._reader = loop.create_task(self._read(), name="mtserve-engine-reader")
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = LoopSocket(sock, self._on_message)
         try:
             self._pidfd = os.pidfd_open(self.engine_pid)
         except ProcessLookupError:
@@ -61,8 +61,6 @@ class EngineClient:
             asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        if self._reader is not None:
-            self._reader.cancel()
         if self._sock is not None:
             self._sock.close()
         if self._ctx is not None:
@@ -87,7 +85,7 @@ class EngineClient:
 
     def _send(self, msg, *frames) -> None:
         assert self._sock is not None
-        self._sock.send_multipart([wire.encode(msg), *frames], copy=False)
+        self._sock.send([wire.encode(msg), *frames])
 
     def _open(self) -> tuple[int, asyncio.Future]:
         if self.dead is not None:
@@ -145,12 +143,5 @@ class EngineClient:
         else:
             fut.set_result(msg.data)
 
-    async def _read(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                msg = wire.decode_to_api(frames[0].bytes)
-                self._resolve(msg, frames[1:])
-            except Exception:  # a bad answer fails its request (or nothing), never the reader
-                log.exception("engine answer dropped")
+    def _on_message(self, frames: list) -> None:
+        self._resolve(wire.decode_to_api(frames[0].bytes), frames[1:])

@@ -25,15 +25,16 @@ from functools import partial
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from contract.errors import InvalidInput, NotReady
 from service import wire
 from service.app import build_engine
+from service.batcher import Job
 from service.engine_status import DRAINING, ENGINE_PID, FAILED, GEN, QUEUE_SIZE, QUEUED, READY, StatusBlock
 from service.served_version import ServedVersion
 from service.server_state import Service
 from service.settings import Settings
+from service.zmq_loop import LoopSocket
 
 log = logging.getLogger("mtserve.engine_core")
 POLL_S = 0.01  # how often the engine looks at the API processes' generations and its own state
@@ -51,12 +52,12 @@ class EngineCore:
         self.gen = 0
         self.units: dict[int, ServedVersion] = {}  # generation -> version, while it may get rows
         self.held: list[int] = []  # per API process: the generation the engine holds its lease on
-        self.waiting: dict[tuple[bytes, int], asyncio.Future] = {}  # set when the API cancels
-        self.answering: set[asyncio.Task] = set()
+        self.waiting: dict[tuple[bytes, int], tuple[ServedVersion, Job]] = {}  # by (API process, id)
+        self.answering: set[asyncio.Task] = set()  # admin calls
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self._published: tuple | None = None
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: LoopSocket | None = None
 
     def _fatal(self, message: str) -> None:
         self.fatal = message
@@ -126,7 +127,7 @@ class EngineCore:
     # -- messages --------------------------------------------------------------------------------
     def _send(self, ident: bytes, msg, *frames) -> None:
         assert self.sock is not None
-        self.sock.send_multipart([ident, wire.encode(msg), *frames], copy=False)
+        self.sock.send([ident, wire.encode(msg), *frames])
 
     def _infer(self, ident: bytes, msg: wire.Infer, frames: list) -> None:
         unit = self.units.get(msg.gen)
@@ -143,21 +144,20 @@ class EngineCore:
         except Exception as exc:
             self._send(ident, wire.failure_of(msg.id, exc))
             return
-        cancel = asyncio.get_running_loop().create_future()
-        self.waiting[ident, msg.id] = cancel
-        task = asyncio.get_running_loop().create_task(self._answer(ident, msg.id, unit, job, cancel))
-        self.answering.add(task)
-        task.add_done_callback(self.answering.discard)
+        self.waiting[ident, msg.id] = (unit, job)
+        job.future.add_done_callback(partial(self._answer, ident, msg.id, unit.version))
 
-    async def _answer(self, ident: bytes, rid: int, unit: ServedVersion, job, cancel: asyncio.Future) -> None:
-        try:
-            probs = await unit.batcher.wait(job, cancel)  # 504 at the deadline; abandoned on cancel
-            out = np.stack(probs).astype(np.float32, copy=False)
-            self._send(ident, wire.Result(rid, unit.version, out.shape), wire.tensor_frame(out))
-        except Exception as exc:
+    def _answer(self, ident: bytes, rid: int, version: str, future: asyncio.Future) -> None:
+        """The job's future is done: its rows (or its error) go back. No timer per request here: the
+        API process answers 504 at the deadline and cancels; the batcher never computes a job past it."""
+        self.waiting.pop((ident, rid), None)
+        if future.cancelled():  # cancelled by its API process: nobody waits for it
+            return
+        if (exc := future.exception()) is not None:
             self._send(ident, wire.failure_of(rid, exc))
-        finally:
-            self.waiting.pop((ident, rid), None)
+            return
+        out = np.stack(future.result()).astype(np.float32, copy=False)
+        self._send(ident, wire.Result(rid, version, out.shape), wire.tensor_frame(out))
 
     async def _call(self, ident: bytes, msg: wire.Call) -> None:
         try:
@@ -168,27 +168,24 @@ class EngineCore:
         except Exception as exc:
             self._send(ident, wire.failure_of(msg.id, exc))
 
-    async def _read(self) -> None:
-        assert self.sock is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            ident = frames[0].bytes
-            try:
-                msg = wire.decode_to_engine(frames[1].bytes)
-            except Exception as exc:  # a malformed message is logged, never fatal
-                log.warning("engine: undecodable message dropped (%s)", exc)
-                continue
-            if isinstance(msg, wire.Infer):
-                self._infer(ident, msg, frames[2:])
-            elif isinstance(msg, wire.Cancel):
-                cancel = self.waiting.get((ident, msg.id))
-                if cancel is not None and not cancel.done():
-                    cancel.set_result(None)
-            else:
-                task = loop.create_task(self._call(ident, msg))
-                self.answering.add(task)
-                task.add_done_callback(self.answering.discard)
+    def _on_message(self, frames: list) -> None:
+        ident = frames[0].bytes
+        try:
+            msg = wire.decode_to_engine(frames[1].bytes)
+        except Exception as exc:  # a malformed message is logged, never fatal
+            log.warning("engine: undecodable message dropped (%s)", exc)
+            return
+        if isinstance(msg, wire.Infer):
+            self._infer(ident, msg, frames[2:])
+        elif isinstance(msg, wire.Cancel):
+            waiting = self.waiting.pop((ident, msg.id), None)
+            if waiting is not None:  # not computed if it has not started
+                unit, job = waiting
+                unit.batcher.cancel(job)
+        else:
+            task = asyncio.get_running_loop().create_task(self._call(ident, msg))
+            self.answering.add(task)
+            task.add_done_callback(self.answering.discard)
 
     # -- life cycle --------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -198,30 +195,32 @@ class EngineCore:
             loop.add_signal_handler(sig, self.stopping.set)
         parent = os.pidfd_open(os.getppid())
         loop.add_reader(parent, self.stopping.set)  # the supervisor died: stop too
-        ctx = zmq.asyncio.Context()
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.endpoint)
+        self.sock = LoopSocket(sock, self._on_message)
         ints = self.block.ints
         ints[QUEUE_SIZE], ints[ENGINE_PID] = self.settings.queue_size, os.getpid()
         await self._register(self.service.unit)
         self._publish_state()  # the supervisor starts the API processes once this is published
         await self.service.start()  # sessions + warm-up in the background; READY once done
-        tasks = [loop.create_task(self._read()), loop.create_task(self._poll())]
+        tasks = [loop.create_task(self._poll())]
         await self.stopping.wait()
         log.info("engine: stopping (finishing every admitted request)")
         self.service.draining = True
         self._publish_state()
         await self._release_leases()
-        await self.service.stop()  # finishes every queued job; the reader still answers cancels
+        await self.service.stop()  # finishes every queued job (answered by their callbacks)
         if self.answering:
             await asyncio.wait(set(self.answering))
+        await asyncio.sleep(0)  # the last answers' callbacks
         for t in tasks:
             t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks)
         loop.remove_reader(parent)
         os.close(parent)
-        self.sock.close(linger=1000)  # the last answers leave before the socket closes
+        self.sock.close(linger_ms=1000)  # the last answers leave before the socket closes
         ctx.term()
         return 1 if self.fatal else 0

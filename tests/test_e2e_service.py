@@ -5,6 +5,7 @@ alone, and SIGTERM must finish every admitted request and exit 0."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -21,7 +22,8 @@ TASKS = ["digits", "animals", "shapes"]
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    args = ("--threads", "1", "--max-batch-size", "64", "--log-level", "warning")
+    # one process (tests/test_workers.py runs the batching scenario with 2 API processes)
+    args = ("--threads", "1", "--max-batch-size", "64", "--log-level", "warning", "--workers", "0")
     with serve(tiny_bundle, *args, env={"MTSERVE_MAX_WAIT_MS": "100"}) as (proc, url, _):
         yield proc, url
 
@@ -163,7 +165,10 @@ def test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bun
     until the listener closes (after that: refused or closed connections, never another status);
     once a 503 has been answered, no request sent later gets 200; requests queued at SIGTERM are
     all answered 200 (a 503 only ever refuses admission); the process exits 0."""
+    # one process (MTSERVE_WORKERS, default 0 here), whose engine is slower than its clients: rows queue;
+    # tests/test_workers.py runs this scenario with 2 API processes and an emulated device
     args = ("--threads", "1", "--max-batch-size", "4", "--log-level", "warning")
+    args += ("--workers", os.environ.get("MTSERVE_WORKERS", "0"))
     with serve(tiny_bundle, *args) as (proc, url, _):
         blob = png(3)
 

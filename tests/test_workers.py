@@ -229,15 +229,39 @@ def test_sigterm_drains_every_process_and_exits_0(tiny_bundle):
         assert not run.exists()
 
 
+def test_cross_task_answers_equal_answers_alone_with_two_api_processes(tiny_bundle):
+    """tests/test_e2e_service.py's batching scenario on the real engine behind 2 API processes: batches
+    mix tasks, every batched answer equals the same image sent alone (<= 1e-5), SIGTERM answers every
+    admitted request and exits 0."""
+    from tests import test_e2e_service
+
+    args = ("--workers", "2", "--threads", "1", "--max-batch-size", "64", "--log-level", "warning")
+    with serve(tiny_bundle, *args, env={"MTSERVE_MAX_WAIT_MS": "100"}) as (proc, url, _):
+        test_e2e_service.test_cross_task_batches_equal_requests_alone_then_graceful_shutdown((proc, url))
+
+
+def test_sigterm_under_load_with_two_api_processes(tiny_bundle, monkeypatch):
+    """tests/test_e2e_service.py's SIGTERM-under-load scenario (16 clients; every answer 200 or 503
+    "shutting down"; requests queued at SIGTERM answered 200; exit 0) with 2 API processes and an
+    engine slower than them (a 20 ms batch), so that rows queue in the engine."""
+    from tests import test_e2e_service
+
+    monkeypatch.setenv("MTSERVE_WORKERS", "2")
+    monkeypatch.setenv("MTSERVE_EMULATE_DEVICE_MS", "20")
+    test_e2e_service.test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bundle)
+
+
 def test_engine_death_answers_503_at_once_then_exits_non_zero(tiny_bundle):
-    with serve(tiny_bundle, *EMULATED, "30000", "--max-batch-size", "1") as (proc, url, _log):
+    args = ("30000", "--max-batch-size", "1", "--timeout-ms", "60000")
+    with serve(tiny_bundle, *EMULATED, *args) as (proc, url, _log):
         engine = children(proc.pid)["engine"]
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=60) as probe:
                 clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(3)]
                 pending = [asyncio.ensure_future(post(c, "digits", i)) for i, c in enumerate(clients)]
-                await wait_metric(probe, "mtserve_queue_depth", 2)  # one computing, two queued
+                await wait_metric(probe, TAKEN, 2)  # one computing, one batched behind it
+                await wait_metric(probe, "mtserve_queue_depth", 1)  # one queued
                 t0 = time.monotonic()
                 os.kill(engine, signal.SIGKILL)
                 answers = await asyncio.gather(*pending)
