@@ -28,6 +28,7 @@ from pathlib import Path
 
 from service.bench import proc_cpu, report, server
 from service.bench.machine import describe
+from service.precision import int8_flags
 
 ROOT = server.ROOT
 DEMO_PNG = "data/demo/digits/val/3"
@@ -204,6 +205,7 @@ def run_api_cpu(args) -> dict:
         "title": "CPU per single-image /predict request outside the engine: mtserve vs a raw ASGI app",
         "bundle": str(bundle),
         "machine": describe("cpu"),
+        "cpu_flags": int8_flags(),
         "config": {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
                    "task": task, "image_bytes": len(body), "server_args": args.server_args,
                    "baselines": args.baseline},

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from service.bench import api_cpu, report, server
 from service.bench.machine import describe
+from service.precision import int8_flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,7 @@ def run_workers(args) -> dict:
         "title": f"/predict requests/s vs --workers, device emulated ({args.emulate_device_ms:g} ms/batch)",
         "bundle": str(bundle),
         "machine": describe("cpu"),
+        "cpu_flags": int8_flags(),
         "config": {"workers": values, "emulate_device_ms": args.emulate_device_ms, "requests": args.requests,
                    "concurrency": args.workers_concurrency, "rounds": args.rounds, "task": task,
                    "max_batch_size": args.max_batch_size, "server_args": args.server_args},
