@@ -23,7 +23,7 @@ def available_cpus() -> int:
 
 
 MIN_TOKEN_CHARS = 16
-AUTO_WORKERS_MAX = 4  # --workers auto: one API process per CPU, at most this many (docs/server.md)
+AUTO_WORKERS_MAX = 8  # --workers auto: half the CPUs as API processes, at most this many (docs/server.md)
 
 
 class Settings(BaseSettings):
@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(
         "auto",
         description="API processes in front of one engine process (docs/server.md); 0 = everything in one "
-        "process; auto = min(CPUs available, 4)",
+        "process; auto = 0 on 2 CPUs or fewer (measured: one process serves more there), else "
+        "min(CPUs available // 2, 8)",
     )
     emulate_device_ms: float = Field(
         0.0, ge=0, description="benchmarks: the engine sleeps this long per batch instead of computing"
@@ -143,9 +144,10 @@ class Settings(BaseSettings):
 
     def worker_count(self) -> int:
         """API processes to start (0: one process serves everything)."""
-        if self.workers == "auto":
-            return min(available_cpus(), AUTO_WORKERS_MAX)
-        return self.workers
+        if self.workers != "auto":
+            return self.workers
+        cpus = available_cpus()
+        return 0 if cpus <= 2 else min(cpus // 2, AUTO_WORKERS_MAX)
 
     def intra_op_threads(self) -> int:
         return self.threads or available_cpus()
