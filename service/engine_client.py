@@ -1,7 +1,7 @@
-"""The API process's side of the wire (:mod:`service.wire`): one DEALER socket to the engine process.
+"""The API process's side of the wire (:mod:`service.wire`): one connection to the engine process.
 
-Every request gets an id and a future; the socket's reader callback (service/zmq_loop.py) resolves
-them as answers come back.
+Every request gets an id and a future; the connection's protocol (service/channel.py) resolves them
+as answers come back.
 A request whose client leaves, or whose waiter is cancelled (the outer layer's 504), sends a
 :class:`~service.wire.Cancel`: the engine abandons the job if it has not started computing.
 The engine's pid is watched (``pidfd_open`` on the event loop): if the engine process dies, every
@@ -18,11 +18,10 @@ import os
 from collections.abc import Awaitable, Callable
 
 import numpy as np
-import zmq
 
 from contract.errors import ClientClosed, NotReady
 from service import wire
-from service.zmq_loop import LoopSocket
+from service.channel import Channel
 
 log = logging.getLogger("mtserve.engine_client")
 ENGINE_DIED = "the engine process exited; the server is restarting"
@@ -38,17 +37,18 @@ class EngineClient:
         self.pending: dict[int, asyncio.Future] = {}
         self.dead: str | None = None
         self._ids = itertools.count(1)
-        self._ctx: zmq.Context | None = None
-        self._sock: LoopSocket | None = None
+        self._chan: Channel | None = None
         self._pidfd: int | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
-        self._sock = LoopSocket(sock, self._on_message)
+        try:
+            _, self._chan = await loop.create_unix_connection(
+                lambda: Channel(self._on_message, self._lost), self.endpoint
+            )
+        except OSError:  # no engine listening: it is gone
+            self._died()
+            return
         try:
             self._pidfd = os.pidfd_open(self.engine_pid)
         except ProcessLookupError:
@@ -61,10 +61,9 @@ class EngineClient:
             asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        if self._sock is not None:
-            self._sock.close()
-        if self._ctx is not None:
-            self._ctx.term()
+        if self._chan is not None:
+            self._chan.on_lost = None
+            self._chan.close()
 
     def _died(self) -> None:
         """The engine's pidfd is readable: it exited. Fail everything pending, now and later."""
@@ -83,9 +82,9 @@ class EngineClient:
         if self.on_death is not None:
             self.on_death(ENGINE_DIED)
 
-    def _send(self, msg, *frames) -> None:
-        assert self._sock is not None
-        self._sock.send([wire.encode(msg), *frames])
+    def _send(self, msg, tensor=None) -> None:
+        assert self._chan is not None
+        self._chan.send(wire.encode(msg), tensor)
 
     def _open(self) -> tuple[int, asyncio.Future]:
         if self.dead is not None:
@@ -132,16 +131,20 @@ class EngineClient:
             if fut.done():
                 self.pending.pop(rid, None)
 
-    def _resolve(self, msg: wire.ToApi, frames: list) -> None:
+    def _resolve(self, msg: wire.ToApi, tensor: memoryview | None) -> None:
         fut = self.pending.pop(msg.id, None)
         if fut is None or fut.done():  # cancelled meanwhile
             return
         if isinstance(msg, wire.Result):
-            fut.set_result((msg.version, wire.tensor_of(frames[0].buffer, msg.shape)))
+            fut.set_result((msg.version, wire.tensor_of(tensor, msg.shape)))
         elif isinstance(msg, wire.Failure):
             fut.set_exception(wire.error_of(msg))
         else:
             fut.set_result(msg.data)
 
-    def _on_message(self, frames: list) -> None:
-        self._resolve(wire.decode_to_api(frames[0].bytes), frames[1:])
+    def _on_message(self, chan: Channel, header: memoryview, tensor: memoryview | None) -> None:
+        self._resolve(wire.decode_to_api(header), tensor)
+
+    def _lost(self, chan: Channel) -> None:
+        """The engine closed the connection: it is exiting (or gone), as its pidfd will say."""
+        self._died()

@@ -1,11 +1,11 @@
 """The engine process of ``--workers N``: one per device, the only owner of the batcher and the sessions.
 
-It runs an asyncio loop that never touches HTTP: a ZeroMQ ROUTER socket receives the rows of every
-API process (:mod:`service.wire`), the batcher forms fair cross-task batches of all of them, and each
-answer goes back to the API process that asked. It reuses the single-process :class:`Service` (the
-served version, its batcher, live reload) and publishes what the API processes need without a message
-in the :class:`~service.engine_status.StatusBlock`: its room (rows queued, queue size) at every change,
-ready / draining / failed, and the model generation served.
+It runs an asyncio loop that never touches HTTP: a Unix socket server (:mod:`service.channel`) receives
+the rows of every API process (:mod:`service.wire`), the batcher forms fair cross-task batches of all
+of them, and each answer goes back to the API process that asked. It reuses the single-process
+:class:`Service` (the served version, its batcher, live reload) and publishes what the API processes
+need without a message in the :class:`~service.engine_status.StatusBlock`: its room (rows queued,
+queue size) at every change, ready / draining / failed, and the model generation served.
 
 Live reload across processes: every loaded version gets a generation number. A request carries the
 generation its API process admitted it to and runs on that version, as in one process. The engine
@@ -24,17 +24,16 @@ import signal
 from functools import partial
 
 import numpy as np
-import zmq
 
 from contract.errors import InvalidInput, NotReady
 from service import wire
 from service.app import build_engine
 from service.batcher import Job
+from service.channel import Channel
 from service.engine_status import DRAINING, ENGINE_PID, FAILED, GEN, QUEUE_SIZE, QUEUED, READY, StatusBlock
 from service.served_version import ServedVersion
 from service.server_state import Service
 from service.settings import Settings
-from service.zmq_loop import LoopSocket
 
 log = logging.getLogger("mtserve.engine_core")
 POLL_S = 0.01  # how often the engine looks at the API processes' generations and its own state
@@ -57,7 +56,7 @@ class EngineCore:
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self._published: tuple | None = None
-        self.sock: LoopSocket | None = None
+        self.server: asyncio.Server | None = None
 
     def _fatal(self, message: str) -> None:
         self.fatal = message
@@ -125,65 +124,70 @@ class EngineCore:
             await asyncio.sleep(POLL_S)
 
     # -- messages --------------------------------------------------------------------------------
-    def _send(self, ident: bytes, msg, *frames) -> None:
-        assert self.sock is not None
-        self.sock.send([ident, wire.encode(msg), *frames])
+    @staticmethod
+    def _send(chan: Channel, msg, tensor=None) -> None:
+        chan.send(wire.encode(msg), tensor)
 
-    def _infer(self, ident: bytes, msg: wire.Infer, frames: list) -> None:
+    def _infer(self, chan: Channel, msg: wire.Infer, tensor: memoryview | None) -> None:
         unit = self.units.get(msg.gen)
         try:
             if unit is None:
                 raise NotReady(f"model generation {msg.gen} is not served (now {self.gen})")
             unit.task(msg.task)
-            if len(frames) != 1:
-                raise InvalidInput(f"one tensor frame expected, got {len(frames)}")
-            x = wire.tensor_of(frames[0].buffer, msg.shape)
+            if tensor is None:
+                raise InvalidInput("an inference request without its tensor")
+            x = wire.tensor_of(tensor, msg.shape)
             if x.ndim != 4 or list(x.shape[1:]) != list(unit.manifest.input.size):
                 raise InvalidInput(f"tensor of shape {list(x.shape)} for input {unit.manifest.input.size}")
             job = unit.batcher.submit(msg.task, x, msg.deadline)  # 429 when full, 503 when stopping
         except Exception as exc:
-            self._send(ident, wire.failure_of(msg.id, exc))
+            self._send(chan, wire.failure_of(msg.id, exc))
             return
-        self.waiting[ident, msg.id] = (unit, job)
-        job.future.add_done_callback(partial(self._answer, ident, msg.id, unit.version))
+        self.waiting[chan, msg.id] = (unit, job)
+        job.future.add_done_callback(partial(self._answer, chan, msg.id, unit.version))
 
-    def _answer(self, ident: bytes, rid: int, version: str, future: asyncio.Future) -> None:
+    def _answer(self, chan: Channel, rid: int, version: str, future: asyncio.Future) -> None:
         """The job's future is done: its rows (or its error) go back. No timer per request here: the
         API process answers 504 at the deadline and cancels; the batcher never computes a job past it."""
-        self.waiting.pop((ident, rid), None)
+        self.waiting.pop((chan, rid), None)
         if future.cancelled():  # cancelled by its API process: nobody waits for it
             return
         if (exc := future.exception()) is not None:
-            self._send(ident, wire.failure_of(rid, exc))
+            self._send(chan, wire.failure_of(rid, exc))
             return
         out = np.stack(future.result()).astype(np.float32, copy=False)
-        self._send(ident, wire.Result(rid, version, out.shape), wire.tensor_frame(out))
+        self._send(chan, wire.Result(rid, version, out.shape), wire.tensor_frame(out))
 
-    async def _call(self, ident: bytes, msg: wire.Call) -> None:
+    async def _call(self, chan: Channel, msg: wire.Call) -> None:
         try:
             if msg.method != "reload":
                 raise InvalidInput(f"unknown engine call {msg.method!r}")
             data = await self.service.reload(msg.arg, allow_remove=msg.allow_remove)
-            self._send(ident, wire.Reply(msg.id, data))
+            self._send(chan, wire.Reply(msg.id, data))
         except Exception as exc:
-            self._send(ident, wire.failure_of(msg.id, exc))
+            self._send(chan, wire.failure_of(msg.id, exc))
 
-    def _on_message(self, frames: list) -> None:
-        ident = frames[0].bytes
+    def _lost(self, chan: Channel) -> None:
+        """An API process's connection closed (it exited): its queued jobs are never computed."""
+        for key in [k for k in self.waiting if k[0] is chan]:
+            unit, job = self.waiting.pop(key)
+            unit.batcher.cancel(job)
+
+    def _on_message(self, chan: Channel, header: memoryview, tensor: memoryview | None) -> None:
         try:
-            msg = wire.decode_to_engine(frames[1].bytes)
+            msg = wire.decode_to_engine(header)
         except Exception as exc:  # a malformed message is logged, never fatal
             log.warning("engine: undecodable message dropped (%s)", exc)
             return
         if isinstance(msg, wire.Infer):
-            self._infer(ident, msg, frames[2:])
+            self._infer(chan, msg, tensor)
         elif isinstance(msg, wire.Cancel):
-            waiting = self.waiting.pop((ident, msg.id), None)
+            waiting = self.waiting.pop((chan, msg.id), None)
             if waiting is not None:  # not computed if it has not started
                 unit, job = waiting
                 unit.batcher.cancel(job)
         else:
-            task = asyncio.get_running_loop().create_task(self._call(ident, msg))
+            task = asyncio.get_running_loop().create_task(self._call(chan, msg))
             self.answering.add(task)
             task.add_done_callback(self.answering.discard)
 
@@ -195,11 +199,9 @@ class EngineCore:
             loop.add_signal_handler(sig, self.stopping.set)
         parent = os.pidfd_open(os.getppid())
         loop.add_reader(parent, self.stopping.set)  # the supervisor died: stop too
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.endpoint)
-        self.sock = LoopSocket(sock, self._on_message)
+        self.server = await loop.create_unix_server(
+            lambda: Channel(self._on_message, self._lost), self.endpoint
+        )
         ints = self.block.ints
         ints[QUEUE_SIZE], ints[ENGINE_PID] = self.settings.queue_size, os.getpid()
         await self._register(self.service.unit)
@@ -221,6 +223,5 @@ class EngineCore:
             await asyncio.gather(*tasks)
         loop.remove_reader(parent)
         os.close(parent)
-        self.sock.close(linger_ms=1000)  # the last answers leave before the socket closes
-        ctx.term()
+        self.server.close()  # answers already written stay in the sockets' buffers for the readers
         return 1 if self.fatal else 0

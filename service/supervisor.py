@@ -3,8 +3,8 @@
 ::
 
     supervisor (binds the port once; starts, watches and stops the others)
-      |-- engine process: batcher + onnxruntime sessions + reload  (ROUTER  ipc://RUN/engine.sock)
-      |-- API process 0: uvicorn on the shared socket -> DEALER --'
+      |-- engine process: batcher + onnxruntime sessions + reload  (listens on RUN/engine.sock)
+      |-- API process 0: uvicorn on the shared socket -> connects --'
       |-- ...
       '-- API process N-1
 
@@ -186,7 +186,7 @@ def engine_main(args: argparse.Namespace) -> int:
 
     block = StatusBlock(Path(args.run_dir) / "status")
     try:
-        core = EngineCore(_child_settings(), block, f"ipc://{args.run_dir}/engine.sock")
+        core = EngineCore(_child_settings(), block, f"{args.run_dir}/engine.sock")
     except BundleError as exc:
         log.error("refused bundle: %s", exc)
         return 2
@@ -203,7 +203,7 @@ def api_main(args: argparse.Namespace) -> int:
 
     block = StatusBlock(Path(args.run_dir) / "status")
     sock = socket.socket(fileno=args.fd)
-    endpoint = f"ipc://{args.run_dir}/engine.sock"
+    endpoint = f"{args.run_dir}/engine.sock"
     return serve_api(_child_settings(), block, endpoint, args.index, sock, args.log_level, args.access_log)
 
 

@@ -1,8 +1,9 @@
 """The wire between the API processes and the engine process (``--workers N``, docs/server.md).
 
-One ZeroMQ ``ipc://`` socket: a ROUTER in the engine, a DEALER in each API process. A message is a
-msgpack header (a tagged :class:`msgspec.Struct`), followed for tensors by one raw frame of
-little-endian float32 in C order, sent and received without copies. Nothing is pickled.
+One Unix socket connection per API process to the engine process (:mod:`service.channel`). A message
+is a msgpack header (a tagged :class:`msgspec.Struct`), followed for tensors by the raw bytes of
+little-endian float32 in C order (written from the array's memory, read as a view of the bytes
+received). Nothing is pickled.
 
 API -> engine: :class:`Infer` (+ the tensor frame), :class:`Cancel`, :class:`Call` (reload, ...).
 Engine -> API: :class:`Result` (+ the probabilities frame), :class:`Failure`, :class:`Reply`.

@@ -80,3 +80,39 @@ def test_status_block_shared_between_mappings(tmp_path):
     assert engine.api_gen(1) == 2 and engine.api_pids() == [1234, 0]
     api.close()
     engine.close()
+
+
+class _Transport:
+    def __init__(self):
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def writelines(self, parts) -> None:
+        self.out.append(b"".join(bytes(p) for p in parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_channel_frames_messages_however_they_are_split():
+    from service.channel import Channel
+
+    sender = Channel(lambda *a: None)
+    sender.connection_made(_Transport())
+    x = np.arange(3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4)
+    sender.send(wire.encode(wire.Infer(1, "digits", 1, 5.0, x.shape)), wire.tensor_frame(x))
+    sender.send(wire.encode(wire.Cancel(1)))
+    sender.send(wire.encode(wire.Infer(2, "shapes", 1, 5.0, x.shape)), wire.tensor_frame(x * 2))
+    stream = b"".join(sender.transport.out)
+    for split in (1, 7, 8, 9, 100, len(stream)):  # every way of cutting the stream into reads
+        got: list = []
+
+        def on_message(chan, header, tensor, got=got):
+            msg = wire.decode_to_engine(header)
+            got.append((msg, None if tensor is None else wire.tensor_of(tensor, msg.shape).copy()))
+
+        receiver = Channel(on_message)
+        for i in range(0, len(stream), split):
+            receiver.data_received(stream[i : i + split])
+        assert [m.id for m, _ in got] == [1, 1, 2] and got[1][1] is None, split
+        assert np.array_equal(got[0][1], x) and np.array_equal(got[2][1], x * 2), split
