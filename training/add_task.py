@@ -60,8 +60,9 @@ from training.imagefolder import (
 )
 
 Init = Literal["stem", "scratch"]
-# Measured on the demo (docs/add-task.md, results/add-task/): Fashion-MNIST added to the 3-task demo
-# bundle; see DEFAULT_INIT_EVIDENCE for the figures.
+# Measured on the demo (results/add-task/README.md): Fashion-MNIST added to the 3-task demo bundle,
+# 3 seeds, val top-1 from a trained stem vs from scratch: 0.758 vs 0.727 at 100 steps, 0.798 vs
+# 0.793 at 300; better at every seed.
 DEFAULT_INIT: Init = "stem"
 
 
