@@ -156,8 +156,10 @@ class Supervisor:
 
 def run_supervisor(settings: Settings, log_level: str = "info", access_log: bool = False) -> int:
     logging.basicConfig(level=log_level.upper(), format=FORMAT)
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    run = Path(tempfile.mkdtemp(prefix="mtserve-", dir=shm))
+    try:  # shared memory where there is some (a read-only or missing /dev/shm: the temp directory)
+        run = Path(tempfile.mkdtemp(prefix="mtserve-", dir="/dev/shm"))
+    except OSError:
+        run = Path(tempfile.mkdtemp(prefix="mtserve-"))
     try:
         try:
             sock = bind(settings)

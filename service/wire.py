@@ -14,6 +14,8 @@ exception (and answers the same status) as the engine would have in one process.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import numpy as np
 
@@ -112,7 +114,7 @@ def tensor_frame(x: np.ndarray) -> memoryview:
 def tensor_of(buffer, shape: tuple[int, ...]) -> np.ndarray:
     """The array over a received frame's buffer (no copy; read-only)."""
     x = np.frombuffer(buffer, dtype=DTYPE)
-    if x.size != int(np.prod(shape)):
+    if x.size != math.prod(shape):
         raise errors.InvalidInput(f"tensor frame of {x.size} values for shape {list(shape)}")
     return x.reshape(shape)
 
