@@ -55,8 +55,13 @@ class EngineCore:
         self.answering: set[asyncio.Task] = set()  # admin calls
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
+        self.orphaned = False  # the supervisor died: the engine, its last child, removes the run directory
         self._published: tuple | None = None
         self.server: asyncio.Server | None = None
+
+    def _orphaned(self) -> None:
+        self.orphaned = True
+        self.stopping.set()
 
     def _fatal(self, message: str) -> None:
         self.fatal = message
@@ -198,7 +203,7 @@ class EngineCore:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         parent = os.pidfd_open(os.getppid())
-        loop.add_reader(parent, self.stopping.set)  # the supervisor died: stop too
+        loop.add_reader(parent, self._orphaned)  # the supervisor died: stop too
         self.server = await loop.create_unix_server(
             lambda: Channel(self._on_message, self._lost), self.endpoint
         )

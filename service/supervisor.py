@@ -195,9 +195,12 @@ def engine_main(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        return uvloop.run(core.run())
+        code = uvloop.run(core.run())
     except ImportError:
-        return asyncio.run(core.run())
+        code = asyncio.run(core.run())
+    if core.orphaned:  # nobody else will
+        shutil.rmtree(args.run_dir, ignore_errors=True)
+    return code
 
 
 def api_main(args: argparse.Namespace) -> int:

@@ -290,3 +290,20 @@ def test_reload_under_load_with_two_api_processes(tmp_path_factory, tiny_bundle)
     args = ("--workers", "2", "--threads", "1", "--max-batch-size", "16")
     with serve(models / "v1", *args, env=env, log=models.parent / "server.log") as server:
         test_reload_e2e.test_reloads_under_load_fail_no_request(server)
+
+
+def test_children_exit_when_the_supervisor_is_killed(tiny_bundle):
+    """kill -9 of the supervisor: the engine and the API processes see it (a pidfd on its pid) and
+    exit; the engine, the last of them, removes the run directory."""
+    with serve(tiny_bundle, *EMULATED, "1") as (proc, _url, _log):
+        roles = children(proc.pid)
+        run = run_dir(proc.pid)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            any(Path(f"/proc/{p}").exists() for p in roles.values()) or run.exists()
+        ):
+            time.sleep(0.1)
+        assert not [r for r, p in roles.items() if Path(f"/proc/{p}").exists()]
+        assert not run.exists()
