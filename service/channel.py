@@ -4,7 +4,9 @@ event loop (an :class:`asyncio.Protocol`: no thread, no future per message).
 A message is an 8-byte prefix (the header's length and the tensor's length, little-endian uint32), the
 header (msgpack, :mod:`service.wire`) and the tensor's raw bytes (none when its length is 0). Messages
 that arrive whole are handed on as views of the bytes received; a message split across reads is joined
-once. Writes go out with one ``writev`` where the loop can (header and tensor are not joined first).
+once. What is sent in one turn of the event loop (the answers of one batch, the requests that
+arrived together) goes out in one write at the end of it (``writelines``: one ``writev``, header and
+tensor not joined first): on this machine a system call costs more than the rest of a message.
 
 Why not ZeroMQ: measured here (``scripts/bench_transport.py``, ``results/bench/transport-cpu.json``), a
 DEALER/ROUTER ``ipc://`` round trip (40-byte header + 12 KiB tensor) cost 67-108 us of CPU (both
@@ -34,6 +36,8 @@ class Channel(asyncio.Protocol):
         self.on_message = on_message
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
+        self._out: list = []  # parts to write at the end of this turn of the loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = 0
@@ -41,6 +45,7 @@ class Channel(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -50,11 +55,18 @@ class Channel(asyncio.Protocol):
     def send(self, header: bytes, tensor=None) -> None:
         if self.closed or self.transport is None:
             return
+        if not self._out:
+            self._loop.call_soon(self.flush)  # type: ignore[union-attr]
         if tensor is None:
-            self.transport.writelines((PREFIX.pack(len(header), 0), header))
+            self._out += (PREFIX.pack(len(header), 0), header)
         else:
             tensor = memoryview(tensor).cast("B")
-            self.transport.writelines((PREFIX.pack(len(header), tensor.nbytes), header, tensor))
+            self._out += (PREFIX.pack(len(header), tensor.nbytes), header, tensor)
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.closed and self.transport is not None:
+            self.transport.writelines(out)
 
     def close(self) -> None:
         if self.transport is not None:

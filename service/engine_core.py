@@ -221,7 +221,7 @@ class EngineCore:
         await self.service.stop()  # finishes every queued job (answered by their callbacks)
         if self.answering:
             await asyncio.wait(set(self.answering))
-        await asyncio.sleep(0)  # the last answers' callbacks
+        await asyncio.sleep(0.05)  # the last answers' callbacks, then their writes (service/channel.py)
         for t in tasks:
             t.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -3,6 +3,8 @@ block (service/engine_status.py), without processes."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import numpy as np
 import pytest
@@ -94,7 +96,7 @@ class _Transport:
         self.closed = True
 
 
-def test_channel_frames_messages_however_they_are_split():
+async def test_channel_frames_messages_however_they_are_split():
     from service.channel import Channel
 
     sender = Channel(lambda *a: None)
@@ -103,7 +105,10 @@ def test_channel_frames_messages_however_they_are_split():
     sender.send(wire.encode(wire.Infer(1, "digits", 1, 5.0, x.shape)), wire.tensor_frame(x))
     sender.send(wire.encode(wire.Cancel(1)))
     sender.send(wire.encode(wire.Infer(2, "shapes", 1, 5.0, x.shape)), wire.tensor_frame(x * 2))
-    stream = b"".join(sender.transport.out)
+    assert sender.transport.out == []  # written at the end of this turn of the loop, in one write
+    await asyncio.sleep(0)
+    assert len(sender.transport.out) == 1
+    stream = sender.transport.out[0]
     for split in (1, 7, 8, 9, 100, len(stream)):  # every way of cutting the stream into reads
         got: list = []
 
