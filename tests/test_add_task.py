@@ -117,7 +117,7 @@ def test_add_task_writes_only_the_new_variants(trained, added):
 
 def test_add_task_accounting_and_checkpoint_rebuild(trained, added):
     """The new accounting equals the torch network's; the checkpoint + config load as a 4-task net."""
-    from training.add_task import load_bundle_net
+    from training.add_task_network import load_bundle_net
 
     out, result = added
     m = load_bundle(out).manifest
@@ -137,7 +137,8 @@ def test_add_task_accounting_and_checkpoint_rebuild(trained, added):
 def test_add_task_other_tasks_bit_identical_torch_and_onnx(trained, added):
     import torch
 
-    from training.add_task import load_bundle_net, reference_logits
+    from training.add_task_guard import reference_logits
+    from training.add_task_network import load_bundle_net
 
     out, _ = added
     old_m, new_m = load_bundle(trained).manifest, load_bundle(out).manifest
@@ -196,7 +197,7 @@ def test_add_task_own_zero_trains_only_a_head(trained, colors, tmp_path):
 
 
 def test_remove_task_round_trip(trained, added, tmp_path):
-    from training.add_task import load_bundle_net
+    from training.add_task_network import load_bundle_net
     from training.remove_task import remove_task
 
     out, _ = added

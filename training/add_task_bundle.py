@@ -16,35 +16,40 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from contract.accounting import BYTES_PER_PARAM, Accounting
+from contract.accounting import BYTES_PER_PARAM, Accounting, account
 from contract.bundle import load_bundle, sha256_file
 from contract.errors import BundleError, UserError
 from contract.manifest import MANIFEST_FILE, Manifest
-from contract.plan import HEAD, PlanError, parse_plan
+from contract.plan import HEAD, PlanError, SegmentPlan, parse_plan
 
 CHECKPOINT, CONFIG = "checkpoint.safetensors", "config.json"
 
 
 def manifest_accounting(manifest: Manifest) -> Accounting:
-    """Total vs task-specific parameters and bytes held vs one model per task, from the manifest."""
-    n_tasks = len(manifest.tasks)
-    total = specific = independent = 0
+    """Total vs task-specific parameters and bytes held vs one model per task, from the manifest:
+    :func:`contract.accounting.account` with each body segment as one unit of its variants' size;
+    a variant no task uses is held, and counted task-specific."""
+    tasks = manifest.tasks
+    segments, unit_params, head_params, unused = [], {}, {}, 0
     for seg in manifest.segments:
-        users: dict[str, int] = {}
-        for spec in manifest.tasks.values():
-            vid = spec.variants[seg.name]
-            users[vid] = users.get(vid, 0) + 1
-            independent += seg.variants[vid].params
-        for vid, var in seg.variants.items():
-            total += var.params
-            if users.get(vid, 0) < n_tasks or seg.name == HEAD:
-                specific += var.params
-    return Accounting(
-        total_params=total,
-        task_specific_params=specific,
-        proportion=specific / total if total else 0.0,
-        bytes_held=total * BYTES_PER_PARAM,
-        bytes_independent=independent * BYTES_PER_PARAM,
+        assignment = {t: spec.variants[seg.name] for t, spec in tasks.items()}
+        if seg.name == HEAD:
+            head_params = {t: seg.variants[vid].params for t, vid in assignment.items()}
+        else:
+            unit_params[seg.name] = next(iter(seg.variants.values())).params
+        segments.append(SegmentPlan(seg.name, (seg.name,), assignment))
+        unused += sum(v.params for vid, v in seg.variants.items() if vid not in assignment.values())
+    acc = account(segments, unit_params, head_params)
+    if not unused:
+        return acc
+    total, specific = acc.total_params + unused, acc.task_specific_params + unused
+    return acc.model_copy(
+        update={
+            "total_params": total,
+            "task_specific_params": specific,
+            "proportion": specific / total,
+            "bytes_held": total * BYTES_PER_PARAM,
+        }
     )
 
 

@@ -17,8 +17,11 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from training.experiment_options import add_run_options, with_run_settings
 
 RESULTS = "results.json"
 QUICK = {"steps": 3, "seeds": 1, "max_train_per_class": 8, "max_val_per_class": 4, "batch_per_task": 4}
@@ -49,38 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", choices=["stem", "scratch"], default=None, help="add-task init (default: its)"
     )
-    parser.add_argument("--max-train-per-class", type=int)
-    parser.add_argument("--max-val-per-class", type=int)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    add_run_options(parser)
     parser.add_argument("--work", type=Path, help="run directories (default runs/experiment-<out>)")
     parser.add_argument("--quick", action="store_true", help="seconds: 3 steps, 1 seed, 8/4 images per class")
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     s = {
-        "backbone": args.backbone,
-        "timm_kwargs": json.loads(args.timm_kwargs) if args.timm_kwargs else {},
         "plan": args.plan,
-        "input_size": args.input_size,
-        "steps": args.steps,
         "seeds": args.seeds,
-        "batch_per_task": args.batch_per_task,
-        "lr": args.lr,
-        "weight_decay": 0.05,
         "init": args.init,
-        "max_train_per_class": args.max_train_per_class,
-        "max_val_per_class": args.max_val_per_class,
-        "threads": args.threads,
-        "workers": args.workers,
-        "device": args.device,
-        "quick": args.quick,
     }
-    if args.quick:
-        s |= QUICK
-    s["warmup_steps"] = min(max(s["steps"] // 20, 1), s["steps"] - 1)
-    return s
+    return with_run_settings(s, args, QUICK)
 
 
 class Results:
@@ -110,6 +93,71 @@ class Results:
         os.replace(tmp, self.path)
 
 
+def _once(results: Results, say, kind: str, domain: str, seed: int, make: Callable[[], dict]) -> dict:
+    """The recorded row of one run, else run it (``make``) and record it at once."""
+    row = results.find(kind, domain, seed)
+    if row is None:
+        say(f"[{kind} {domain} seed {seed}]")
+        row = {"kind": kind, "domain": domain, "seed": seed, **make()}
+        results.add(row)
+    return row
+
+
+def _train(
+    data: Path, tasks: list[str], plan: str, seed: int, settings: Mapping[str, Any], run_dir: Path, say
+):
+    from training.experiment import train_config, train_one
+
+    return train_one(train_config(data, tasks, plan, seed, settings), run_dir, say)
+
+
+def _add_task_config(settings: Mapping[str, Any], seed: int):
+    from training.add_task_config import AddTaskConfig
+    from training.config import OptimizerConfig
+
+    opt = OptimizerConfig(lr=settings["lr"], weight_decay=settings["weight_decay"])
+    return AddTaskConfig(
+        steps=settings["steps"],
+        warmup_steps=settings["warmup_steps"],
+        batch_size=settings["batch_per_task"],
+        eval_interval=settings["steps"],  # one evaluation at the end, like the runs
+        optimizer=opt,
+        seed=seed,
+        workers=settings["workers"],
+        device=settings["device"],
+        **({"init": settings["init"]} if settings["init"] else {}),
+    )
+
+
+def added_run(
+    data: Path, d: str, others: list[str], seed: int, settings: Mapping[str, Any], work: Path, say
+) -> dict:
+    """Train the plan on ``others``, then add ``d`` to it in memory (add-task without export)."""
+    from training.add_task import extend_network
+    from training.add_task_network import load_net
+
+    run_dir = work / f"without-{d}-s{seed}"
+    base = _train(data, others, settings["plan"], seed, settings, run_dir, say)
+    net, run_cfg = load_net(run_dir / "config.json", run_dir / "best.safetensors")
+    cfg = _add_task_config(settings, seed)
+    t0 = time.perf_counter()
+    ext = extend_network(net, run_cfg, d, data / d, cfg, say=lambda *_: None)
+    total = sum(p.numel() for p in net.parameters())
+    acc = net.accounting()
+    say(f"    added {d}: top-1 {ext.val['top1']:.4f}, own share {ext.trainable / total:.2%}")
+    return {
+        "acc": {d: ext.val["top1"]},
+        "base_acc": base["acc"],
+        "donor": ext.donor,
+        "own_params": ext.trainable,
+        "total_params": total,
+        "share": ext.trainable / total,
+        "model_task_specific_proportion": acc.proportion,
+        "wall_s": time.perf_counter() - t0,
+        "base_wall_s": base["wall_s"],
+    }
+
+
 def run_experiment(
     data: Path,
     out: Path,
@@ -121,9 +169,7 @@ def run_experiment(
 ) -> dict:
     import torch
 
-    from training.add_task import AddTaskConfig, extend_network, load_net
-    from training.config import OptimizerConfig
-    from training.experiment import count_classes, subset_data, train_config, train_one
+    from training.experiment import count_classes, subset_data
 
     torch.set_num_threads(int(settings["threads"]))
     all_domains = list(count_classes(data))
@@ -133,63 +179,24 @@ def run_experiment(
         raise ValueError(f"--domains: unknown {unknown}; the data has {all_domains}")
     data = subset_data(data, work / "data", settings["max_train_per_class"], settings["max_val_per_class"])
     results = Results(out / RESULTS, settings, command)
+    plan = settings["plan"]
     for seed in range(int(settings["seeds"])):
-
-        def once(kind: str, domain: str, make: Callable[[], dict], seed: int = seed) -> dict:
-            row = results.find(kind, domain, seed)
-            if row is None:
-                say(f"[{kind} {domain} seed {seed}]")
-                row = {"kind": kind, "domain": domain, "seed": seed, **make()}
-                results.add(row)
-            return row
-
-        def joint(seed: int = seed) -> dict:
-            cfg = train_config(data, all_domains, settings["plan"], seed, settings)
-            return train_one(cfg, work / f"joint-s{seed}", say)
-
-        once("joint", "*", joint)
+        joint = partial(_train, data, all_domains, plan, seed, settings, work / f"joint-s{seed}", say)
+        _once(results, say, "joint", "*", seed, joint)
         for d in held:
             others = [t for t in all_domains if t != d]
-
-            def independent(d: str = d, seed: int = seed) -> dict:
-                cfg = train_config(data, [d], "shared", seed, settings)
-                return train_one(cfg, work / f"independent-{d}-s{seed}", say)
-
-            def added(d: str = d, others: list[str] = others, seed: int = seed) -> dict:
-                run_dir = work / f"without-{d}-s{seed}"
-                base = train_one(train_config(data, others, settings["plan"], seed, settings), run_dir, say)
-                net, run_cfg = load_net(run_dir / "config.json", run_dir / "best.safetensors")
-                opt = OptimizerConfig(lr=settings["lr"], weight_decay=settings["weight_decay"])
-                cfg = AddTaskConfig(
-                    steps=settings["steps"],
-                    warmup_steps=settings["warmup_steps"],
-                    batch_size=settings["batch_per_task"],
-                    eval_interval=settings["steps"],  # one evaluation at the end, like the runs
-                    optimizer=opt,
-                    seed=seed,
-                    workers=settings["workers"],
-                    device=settings["device"],
-                    **({"init": settings["init"]} if settings["init"] else {}),
-                )
-                t0 = time.perf_counter()
-                ext = extend_network(net, run_cfg, d, data / d, cfg, say=lambda *_: None)
-                total = sum(p.numel() for p in net.parameters())
-                acc = net.accounting()
-                say(f"    added {d}: top-1 {ext.val['top1']:.4f}, own share {ext.trainable / total:.2%}")
-                return {
-                    "acc": {d: ext.val["top1"]},
-                    "base_acc": base["acc"],
-                    "donor": ext.donor,
-                    "own_params": ext.trainable,
-                    "total_params": total,
-                    "share": ext.trainable / total,
-                    "model_task_specific_proportion": acc.proportion,
-                    "wall_s": time.perf_counter() - t0,
-                    "base_wall_s": base["wall_s"],
-                }
-
-            once("independent", d, independent)
-            once("added", d, added)
+            run_dir = work / f"independent-{d}-s{seed}"
+            _once(
+                results,
+                say,
+                "independent",
+                d,
+                seed,
+                partial(_train, data, [d], "shared", seed, settings, run_dir, say),
+            )
+            _once(
+                results, say, "added", d, seed, partial(added_run, data, d, others, seed, settings, work, say)
+            )
     return results.data
 
 

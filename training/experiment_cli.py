@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.experiment_options import add_run_options, with_run_settings
+
 QUICK = {
     "steps": 3,
     "seeds": [0],
@@ -93,11 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra bottom:K levels that no top:K reaches (default 0.05,0.25)",
     )
     _add_plan_options(p)
-    p.add_argument("--max-train-per-class", type=int, help="cap train images per class (symlinked subset)")
-    p.add_argument("--max-val-per-class", type=int, help="cap val images per class")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    add_run_options(p)
     p.add_argument(
         "--work", type=Path, help="run directories and data subsets (default runs/experiment-<out>)"
     )
@@ -116,13 +114,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> dict:
     """The settings every run shares; a resumed experiment must match them exactly."""
     s = {
-        "backbone": args.backbone,
-        "timm_kwargs": json.loads(args.timm_kwargs) if args.timm_kwargs else {},
-        "input_size": args.input_size,
-        "steps": args.steps,
-        "batch_per_task": args.batch_per_task,
-        "lr": args.lr,
-        "weight_decay": 0.05,
         "seeds": list(range(args.seeds)),
         "levels": args.levels,
         "bottom_levels": args.bottom_levels,
@@ -130,16 +121,8 @@ def settings_from(args: argparse.Namespace) -> dict:
         "bn_ablation": args.bn_ablation,
         "task_counts": args.task_counts,
         "curve_points": args.curve_points,
-        "max_train_per_class": args.max_train_per_class,
-        "max_val_per_class": args.max_val_per_class,
-        "threads": args.threads,
-        "workers": args.workers,
-        "device": args.device,
-        "quick": args.quick,
     }
-    if args.quick:
-        s |= QUICK
-    s["warmup_steps"] = min(max(s["steps"] // 20, 1), s["steps"] - 1)
+    s = with_run_settings(s, args, QUICK)
     s["work_dir"] = str(args.work or Path("runs") / f"experiment-{args.out.name}")
     return s
 

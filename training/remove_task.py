@@ -18,26 +18,61 @@ from typing import Any
 
 from contract.errors import UserError
 from contract.manifest import Manifest
-from training.add_task_bundle import (
-    CHECKPOINT,
-    CONFIG,
-    check_out_dir,
-    copy_variant_files,
-    finish_manifest,
-    history_entry,
-    now,
-    open_source,
-    plan_for,
-    read_config,
-    task_variant_pairs,
-    write_json,
-)
+from training import add_task_bundle as nb
 
 
 def state_key_prefixes(manifest: Manifest, pairs: set[tuple[str, str]]) -> tuple[str, ...]:
     """State-dict prefixes of MultiTaskNet variants: ``segments.<index>.variants.<vid>.``."""
     index = {s.name: i for i, s in enumerate(manifest.segments)}
     return tuple(f"segments.{index[seg]}.variants.{vid}." for seg, vid in sorted(pairs))
+
+
+def _check_request(source: Path, old: Manifest, out: Path, task: str) -> None:
+    nb.check_out_dir(out, source)
+    if task not in old.tasks:
+        raise UserError(f"task {task!r} is not in {source}; tasks are {sorted(old.tasks)}")
+    if len(old.tasks) == 1:
+        raise UserError(f"{task!r} is the only task of {source}; a bundle needs at least one")
+
+
+def _new_manifest(
+    old: Manifest, rest: list[str], keep: set[tuple[str, str]], plan: Any, version: str
+) -> Manifest:
+    """The old manifest without the removed task and the variants only it used (no accounting yet)."""
+    segments = []
+    for seg in old.segments:
+        variants = {vid: spec for vid, spec in seg.variants.items() if (seg.name, vid) in keep}
+        segments.append(seg.model_copy(update={"variants": variants}))
+    data = old.model_dump()
+    data.update(
+        version=version,
+        created_at=nb.now(),
+        segments=[s.model_dump() for s in segments],
+        tasks={t: old.tasks[t].model_dump() for t in rest},
+        plan=plan if isinstance(plan, str) else (json.dumps(plan) if plan is not None else old.plan),
+    )
+    data["parity"] = {s.name: old.parity[s.name] for s in segments if s.name in old.parity}
+    return Manifest.model_validate(data)
+
+
+def _carry_checkpoint(
+    source: Path, out: Path, old: Manifest, task: str, version: str, plan: Any, dropped: set[tuple[str, str]]
+) -> list[str]:
+    """The checkpoint without the dropped variants' tensors and the config without the task (when the
+    source has both and a plan rebuilds the remaining layout); returns notes on what was not carried."""
+    cfg = nb.read_config(source)
+    if cfg is None or not (source / nb.CHECKPOINT).is_file():
+        return []
+    if plan is None:
+        return ["checkpoint not carried over: no sharing plan rebuilds the remaining layout"]
+    _write_checkpoint(source / nb.CHECKPOINT, out / nb.CHECKPOINT, state_key_prefixes(old, dropped))
+    cfg = dict(cfg)
+    cfg["plan"] = plan
+    cfg["tasks"] = {t: v for t, v in cfg["tasks"].items() if t != task}
+    entry = nb.history_entry("remove-task", task, old, to_version=version)
+    cfg["history"] = [*cfg.get("history", []), entry]
+    nb.write_json(out / nb.CONFIG, cfg)
+    return []
 
 
 def remove_task(
@@ -50,57 +85,27 @@ def remove_task(
 ) -> dict[str, Any]:
     """Write ``out``: ``bundle`` without ``task``. Returns a summary (files kept, removed, bytes)."""
     t0 = time.perf_counter()
-    source, old = open_source(bundle)
+    source, old = nb.open_source(bundle)
     out = Path(out)
-    check_out_dir(out, source)
-    if task not in old.tasks:
-        raise UserError(f"task {task!r} is not in {source}; tasks are {sorted(old.tasks)}")
-    if len(old.tasks) == 1:
-        raise UserError(f"{task!r} is the only task of {source}; a bundle needs at least one")
+    _check_request(source, old, out, task)
     rest = [t for t in old.tasks if t != task]
-    keep = task_variant_pairs(old, rest)
-    dropped = task_variant_pairs(old, [task]) - keep
+    keep = nb.task_variant_pairs(old, rest)
+    dropped = nb.task_variant_pairs(old, [task]) - keep
     out.mkdir(parents=True, exist_ok=True)
-    copied = copy_variant_files(source, out, old, sorted(keep))
-
-    segments = []
-    for seg in old.segments:
-        variants = {vid: spec for vid, spec in seg.variants.items() if (seg.name, vid) in keep}
-        segments.append(seg.model_copy(update={"variants": variants}))
-    cfg = read_config(source)
-    plan = plan_for(
-        old.model_copy(update={"tasks": {t: old.tasks[t] for t in rest}}), (cfg or {}).get("plan")
+    copied = nb.copy_variant_files(source, out, old, sorted(keep))
+    plan = nb.plan_for(
+        old.model_copy(update={"tasks": {t: old.tasks[t] for t in rest}}),
+        (nb.read_config(source) or {}).get("plan"),
     )
     new_version = version or f"{old.version}-{task}"
-    data = old.model_dump()
-    data.update(
-        version=new_version,
-        created_at=now(),
-        segments=[s.model_dump() for s in segments],
-        tasks={t: old.tasks[t].model_dump() for t in rest},
-        plan=plan if isinstance(plan, str) else (json.dumps(plan) if plan is not None else old.plan),
-    )
-    data["parity"] = {s.name: old.parity[s.name] for s in segments if s.name in old.parity}
-    manifest = Manifest.model_validate(data)
-
-    notes = []
-    if cfg is not None and (source / CHECKPOINT).is_file():
-        if plan is None:
-            notes.append("checkpoint not carried over: no sharing plan rebuilds the remaining layout")
-        else:
-            _write_checkpoint(source / CHECKPOINT, out / CHECKPOINT, state_key_prefixes(old, dropped))
-            cfg = dict(cfg)
-            cfg["plan"] = plan
-            cfg["tasks"] = {t: v for t, v in cfg["tasks"].items() if t != task}
-            entry = history_entry("remove-task", task, old, to_version=new_version)
-            cfg["history"] = [*cfg.get("history", []), entry]
-            write_json(out / CONFIG, cfg)
-    final = finish_manifest(manifest, out)
+    manifest = _new_manifest(old, rest, keep, plan, new_version)
+    notes = _carry_checkpoint(source, out, old, task, new_version, plan, dropped)
+    final = nb.finish_manifest(manifest, out)
     # the accounting recorded with the checkpoint follows the manifest
-    if (out / CONFIG).is_file():
-        cfg = json.loads((out / CONFIG).read_text())
+    if (out / nb.CONFIG).is_file():
+        cfg = json.loads((out / nb.CONFIG).read_text())
         cfg["accounting"] = final.accounting.model_dump() if final.accounting else None
-        write_json(out / CONFIG, cfg)
+        nb.write_json(out / nb.CONFIG, cfg)
     summary = {
         "task": task,
         "from_version": old.version,
