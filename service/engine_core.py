@@ -30,7 +30,17 @@ from service import wire
 from service.app import build_engine
 from service.batcher import Job
 from service.channel import Channel
-from service.engine_status import DRAINING, ENGINE_PID, FAILED, GEN, QUEUE_SIZE, QUEUED, READY, StatusBlock
+from service.engine_status import (
+    DRAINING,
+    ENGINE_PID,
+    FAILED,
+    GEN,
+    QUEUE_SIZE,
+    QUEUED,
+    READY,
+    StatusBlock,
+    watch_supervisor,
+)
 from service.served_version import ServedVersion
 from service.server_state import Service
 from service.settings import Settings
@@ -202,8 +212,7 @@ class EngineCore:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        parent = os.pidfd_open(os.getppid())
-        loop.add_reader(parent, self._orphaned)  # the supervisor died: stop too
+        unwatch = watch_supervisor(loop, self._orphaned)  # the supervisor died: stop too
         self.server = await loop.create_unix_server(
             lambda: Channel(self._on_message, self._lost), self.endpoint
         )
@@ -226,7 +235,6 @@ class EngineCore:
             t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks)
-        loop.remove_reader(parent)
-        os.close(parent)
+        unwatch()
         self.server.close()  # answers already written stay in the sockets' buffers for the readers
         return 1 if self.fatal else 0

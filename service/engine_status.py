@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -101,3 +102,40 @@ class StatusBlock:
     def close(self) -> None:
         self.ints.release()
         self._map.close()
+
+
+SUPERVISOR_PID_ENV = "MTSERVE_SUPERVISOR_PID"
+
+
+def watch_supervisor(loop, on_death) -> Callable[[], None]:
+    """Call ``on_death`` once (on ``loop``) when the supervisor exits: a pidfd on its pid, read from
+    the environment the supervisor gave its children. A supervisor that died before this runs (the
+    child was re-parented already, or its pid is gone) counts at once. Returns ``stop()``, which ends
+    the watch."""
+    expected = int(os.environ.get(SUPERVISOR_PID_ENV) or os.getppid())
+    fired = False
+
+    def stop() -> None:
+        nonlocal fd
+        if fd is not None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            fd = None
+
+    def once() -> None:
+        nonlocal fired
+        stop()
+        if not fired:
+            fired = True
+            on_death()
+
+    try:
+        fd: int | None = os.pidfd_open(expected)
+    except ProcessLookupError:
+        fd = None
+        loop.call_soon(once)
+        return stop
+    loop.add_reader(fd, once)
+    if os.getppid() != expected:  # re-parented: the pid may be a new process's already
+        loop.call_soon(once)
+    return stop

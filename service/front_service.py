@@ -27,7 +27,7 @@ from contract.errors import ClientClosed, NotReady, UnknownTask
 from contract.manifest import Manifest, TaskSpec, read_manifest
 from service.admission import Admission
 from service.engine_client import EngineClient
-from service.engine_status import DRAINING, ENGINE_PID, GEN, QUEUED, READY, StatusBlock
+from service.engine_status import DRAINING, ENGINE_PID, GEN, QUEUED, READY, StatusBlock, watch_supervisor
 from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
@@ -113,7 +113,7 @@ class FrontService:
         self._draining = False
         self._fatal: str | None = None
         self._sync_task: asyncio.Task | None = None
-        self._parent: int | None = None
+        self._unwatch: Callable[[], None] | None = None  # ends the watch on the supervisor
         block.set_api_gen(index, self.unit.gen)
 
     # readiness: the engine's (published), and this process's draining
@@ -149,8 +149,7 @@ class FrontService:
         loop = asyncio.get_running_loop()
         self.admission.lag.start()
         await self.client.start()
-        self._parent = os.pidfd_open(os.getppid())
-        loop.add_reader(self._parent, self._supervisor_died)
+        self._unwatch = watch_supervisor(loop, self._supervisor_died)
         self.sync()
         self._sync_task = loop.create_task(self._sync_loop(), name="mtserve-front-sync")
 
@@ -163,16 +162,14 @@ class FrontService:
         self.draining = True
         if self._sync_task is not None:
             self._sync_task.cancel()
-        if self._parent is not None:
-            asyncio.get_running_loop().remove_reader(self._parent)
-            os.close(self._parent)
-            self._parent = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         await self.client.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.admission.lag.stop()
 
     def _supervisor_died(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._parent)  # type: ignore[arg-type]
         self._fail("the supervisor process exited")
         if self.on_orphaned is not None:
             self.on_orphaned()

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.engine_status import StatusBlock
+from service.engine_status import SUPERVISOR_PID_ENV, StatusBlock
 from service.settings import Settings
 
 log = logging.getLogger("mtserve.supervisor")
@@ -65,6 +65,7 @@ def child_env(settings: Settings, run: Path) -> dict[str, str]:
     env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     env[SETTINGS_ENV] = settings.model_dump_json(exclude={"admin_token"})
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())  # children watch it (a child re-parented early sees it)
     return env
 
 
