@@ -132,3 +132,29 @@ def test_training_and_models_never_import_service(package):
 def test_contract_is_torch_free_http_free_and_standalone():
     banned = ("torch", "timm", "torchvision", "fastapi", "starlette", "uvicorn", "onnxruntime")
     assert _offenders("contract", (*banned, "service", "training", "models")) == []
+
+
+def _sizes():
+    """scripts/check_sizes.py, loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_sizes", ROOT / "scripts" / "check_sizes.py")
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    return sizes
+
+
+def test_modules_and_functions_stay_small():
+    """Every module under 400 lines, no function over 60 (scripts/check_sizes.py; tests not counted)."""
+    sizes = _sizes()
+    problems = [
+        p for pkg in sizes.FOLDERS for f in sorted((ROOT / pkg).rglob("*.py")) for p in sizes.oversized(f)
+    ]
+    assert problems == []
+
+
+def test_size_check_sees_a_long_function(tmp_path):
+    sizes = _sizes()
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n" + "    x = 1\n" * 61)
+    assert [p for p in sizes.oversized(probe) if "f has 62 lines" in p]
