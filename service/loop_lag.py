@@ -13,6 +13,7 @@ class LoopLag:
     def __init__(self, interval: float = 0.025):
         self.interval = interval
         self.lag = 0.0  # lateness of the last tick (s)
+        self.previous = 0.0  # lateness of the tick before it
         self._due: float | None = None  # time.monotonic() the next tick is due
         self._handle: asyncio.TimerHandle | None = None
 
@@ -23,16 +24,20 @@ class LoopLag:
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        self._handle, self._due, self.lag = None, None, 0.0
+        self._handle, self._due, self.lag, self.previous = None, None, 0.0, 0.0
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         self._due = time.monotonic() + self.interval
         self._handle = loop.call_later(self.interval, self._tick, loop)
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.lag = max(0.0, time.monotonic() - self._due)  # type: ignore[operator]
+        self.previous, self.lag = self.lag, max(0.0, time.monotonic() - self._due)  # type: ignore[operator]
         self._schedule(loop)
 
     def current(self, now: float) -> float:
-        """The lag now: the last tick's, or more if the next tick is overdue already."""
-        return self.lag if self._due is None else max(self.lag, now - self._due)
+        """The lag now: how overdue the pending tick is (the loop is behind right now), else the
+        smaller lateness of the last two ticks. One late tick alone (a garbage collection, a thread
+        holding the GIL while a reload verifies a bundle) is a stall that is over, not overload; two
+        in a row are."""
+        sustained = min(self.lag, self.previous)
+        return sustained if self._due is None else max(sustained, now - self._due)

@@ -267,7 +267,16 @@ async def test_streamed_body_over_the_limit_raises_413_from_receive():
 
 
 # -- the loop-lag meter ----------------------------------------------------------------------------
-async def test_loop_lag_sees_a_blocked_loop():
+async def _late_tick(lag: LoopLag, block_s: float) -> None:
+    """Block the loop for ``block_s``, then let the overdue tick run (it records its lateness)."""
+    time.sleep(block_s)
+    for _ in range(3):
+        await asyncio.sleep(0)
+        if lag.lag > 0.1:
+            return
+
+
+async def test_loop_lag_sees_a_blocked_loop_and_forgives_one_stall():
     lag = LoopLag(interval=0.01)
     lag.start()
     try:
@@ -275,9 +284,11 @@ async def test_loop_lag_sees_a_blocked_loop():
         assert lag.current(time.monotonic()) < 0.05
         time.sleep(0.2)  # the loop is blocked: the pending tick is overdue
         assert lag.current(time.monotonic()) > 0.15
-        await asyncio.sleep(0)  # the tick runs late and records it
-        await asyncio.sleep(0.005)
+        await _late_tick(lag, 0.0)  # the tick runs late and records it
         assert lag.lag > 0.1
+        assert lag.current(time.monotonic()) < 0.05  # one stall, over: not overload
+        await _late_tick(lag, 0.2)  # a second late tick in a row: sustained
+        assert lag.current(time.monotonic()) > 0.1
         await asyncio.sleep(0.05)  # on time again
         assert lag.current(time.monotonic()) < 0.05
     finally:
