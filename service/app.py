@@ -15,7 +15,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from pydantic import BaseModel
-from starlette.routing import Route
 
 from contract.bundle import load_bundle
 from service import admin, api, errors, oip
@@ -119,8 +118,5 @@ def create_app(
     if admin_on:  # else /admin is not mounted at all: 404 like any unknown path
         app.include_router(admin.router)
     log.info("admin API %s", f"on, model dir {settings.models_root()}" if admin_on else "off (no token)")
-    # the tensor route again as a plain Starlette route, matched first: FastAPI's per-request
-    # parameter solving costs more than the route itself (OpenAPI documents the FastAPI one)
-    app.router.routes[:0] = [Route(path, oip.infer_endpoint, methods=["POST"]) for path in oip.INFER_PATHS]
     _document_bodies(app, (PredictJSON, V2InferRequest) + ((ReloadRequest,) if admin_on else ()))
     return app

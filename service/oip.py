@@ -273,9 +273,6 @@ async def model_ready(request: Request, task: str, model_version: str | None = N
     return {"name": task, "ready": True}
 
 
-INFER_PATHS = ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{model_version}/infer")
-
-
 INFER_BODY = {
     "requestBody": {
         "content": {
@@ -318,8 +315,3 @@ async def infer_answer(s: Service, request: Request, task: str, model_version: s
     return orjson.dumps(
         {"model_name": task, "model_version": model.version, "id": req.id, "outputs": outputs}
     )
-
-
-async def infer_endpoint(request: Request) -> Response:
-    """The same route for Starlette (path parameters from the request)."""
-    return await infer(request, request.path_params["task"], request.path_params.get("model_version"))
