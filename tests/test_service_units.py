@@ -249,3 +249,41 @@ def test_decode_guard_against_huge_images():
     Image.new("L", (3000, 3000)).save(buf, "PNG")
     with pytest.raises(PayloadTooLarge):
         decode(buf.getvalue(), max_pixels=1_000_000)
+
+
+async def test_one_small_image_is_decoded_on_the_loop_and_big_ones_in_the_pool():
+    """Same tensor either way; the pool only sees several images, a large body, or many pixels in a
+    small body (a flat PNG of 512x512 compresses to a few hundred bytes: it must not stall the loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.preprocess import LOOP_MAX_BYTES, Preprocessor, load_image
+
+    class CountingPool(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *a, **kw):
+            CountingPool.submitted += 1
+            return super().submit(*a, **kw)
+
+    def png(w: int, h: int, noise: bool = False) -> bytes:
+        arr = (
+            np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8)
+            if noise
+            else np.zeros((h, w, 3), np.uint8)
+        )
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        return buf.getvalue()
+
+    spec = InputSpec(size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with CountingPool(1) as pool:
+        pre = Preprocessor(spec, pool, 40_000_000)
+        small, flat_big, noisy = png(28, 28, noise=True), png(512, 512), png(128, 128, noise=True)
+        assert len(small) <= LOOP_MAX_BYTES and len(flat_big) <= LOOP_MAX_BYTES < len(noisy)
+        x = await pre([small])
+        assert CountingPool.submitted == 0
+        np.testing.assert_array_equal(x[0], load_image(small, spec, 40_000_000))
+        for blobs, more in (([flat_big], 1), ([noisy], 1), ([small, small], 2)):
+            before = CountingPool.submitted
+            y = await pre(blobs)
+            assert CountingPool.submitted - before == more and y.shape[0] == len(blobs)
