@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,10 +190,28 @@ def targets_of(args, bundle: Path) -> list[Target]:
     return [*out, raw(bundle, inline=False), raw(bundle, inline=True)]
 
 
+def interleaved(targets: list[Target], args, concurrency: int, path: str, body: bytes, key: str, fmt: str):
+    """Start every target, warm each up, then measure them in rounds whose order rotates (so the
+    machine's background load falls on all of them alike); each round is appended to ``t.rounds``."""
+    load_args = argparse.Namespace(**{**vars(args), "concurrency": concurrency})
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        png = Path(tmp) / "image.png"
+        png.write_bytes(body)
+        started = []
+        for t in targets:
+            port = server.free_port()
+            cmd = [a.replace("{port}", str(port)) for a in t.cmd]
+            proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
+            load(port, path, body, max(200, args.requests // 10), concurrency, png)  # warm-up
+            started.append((t, port, proc.pid))
+        for r in range(args.rounds):
+            for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
+                t.rounds.append(measure(t, port, pid, load_args, path, body, png))
+                print(f"round {r + 1} {t.name}: {fmt.format(t.rounds[-1][key])}", flush=True)
+
+
 def run_api_cpu(args) -> dict:
     """The scenario (see the module's docstring); writes ``--out/--name.{json,md,png}``."""
-    import contextlib
-    import tempfile
 
     from contract.bundle import load_bundle
 
@@ -210,20 +230,7 @@ def run_api_cpu(args) -> dict:
                    "task": task, "image_bytes": len(body), "server_args": args.server_args,
                    "baselines": args.baseline},
     }  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        png = Path(tmp) / "image.png"
-        png.write_bytes(body)
-        started = []
-        for t in targets:
-            port = server.free_port()
-            cmd = [a.replace("{port}", str(port)) for a in t.cmd]
-            proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
-            load(port, path, body, max(200, args.requests // 10), args.concurrency, png)  # warm-up
-            started.append((t, port, proc.pid))
-        for r in range(args.rounds):
-            for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
-                t.rounds.append(measure(t, port, pid, args, path, body, png))
-                print(f"round {r + 1} {t.name}: {t.rounds[-1]['front_ms']:.3f} ms CPU/request", flush=True)
+    interleaved(targets, args, args.concurrency, path, body, "front_ms", "{:.3f} ms CPU/request")
     rows, ratios = summarize(targets)
     result |= {"rows": rows, "ratios": ratios, "rounds": [r for t in targets for r in t.rounds]}
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

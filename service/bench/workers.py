@@ -12,10 +12,8 @@ ratio to the first value (1 worker by default).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from service.bench import api_cpu, report, server
@@ -72,7 +70,6 @@ def run_workers(args) -> dict:
     body, path = api_cpu.demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
     values = [int(v) for v in args.workers_list.split(",")]
     targets = [_target(bundle, w, args) for w in values]
-    load_args = argparse.Namespace(requests=args.requests, concurrency=args.workers_concurrency)
     result = {
         "scenario": "workers",
         "title": f"/predict requests/s vs --workers, device emulated ({args.emulate_device_ms:g} ms/batch)",
@@ -83,20 +80,7 @@ def run_workers(args) -> dict:
                    "concurrency": args.workers_concurrency, "rounds": args.rounds, "task": task,
                    "max_batch_size": args.max_batch_size, "server_args": args.server_args},
     }  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        png = Path(tmp) / "image.png"
-        png.write_bytes(body)
-        started = []
-        for t in targets:
-            port = server.free_port()
-            cmd = [a.replace("{port}", str(port)) for a in t.cmd]
-            proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
-            api_cpu.load(port, path, body, max(200, args.requests // 10), args.workers_concurrency, png)
-            started.append((t, port, proc.pid))
-        for r in range(args.rounds):
-            for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
-                t.rounds.append(api_cpu.measure(t, port, pid, load_args, path, body, png))
-                print(f"round {r + 1} {t.name}: {t.rounds[-1]['rps']:.0f} requests/s", flush=True)
+    api_cpu.interleaved(targets, args, args.workers_concurrency, path, body, "rps", "{:.0f} requests/s")
     rows = _rows(targets)
     result |= {"rows": rows, "rounds": [r for t in targets for r in t.rounds]}
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
