@@ -13,14 +13,15 @@ FULL_SORT_MAX = 128  # classes up to which one stable argsort costs less than pa
 
 
 def softmax_rows(logits: Sequence[np.ndarray], tasks: Sequence[str]) -> list[np.ndarray]:
-    """Softmax per row (rows of one task stacked: one vectorised call per task); NaN-free."""
+    """Softmax per row (rows of one task stacked: one vectorised call per task); NaN-free; float32, as
+    the engine process sends them with ``--workers N``, so an answer does not depend on the layout."""
     out: list[np.ndarray] = [None] * len(tasks)  # type: ignore[list-item]
     for _, rows in group_rows(tasks):
         z = np.stack([logits[r] for r in rows]).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         np.exp(z, out=z)
         z /= z.sum(axis=1, keepdims=True)
-        z = np.nan_to_num(z, nan=0.0)
+        z = np.nan_to_num(z, nan=0.0).astype(np.float32)  # computed in float64, answered as float32
         for j, r in enumerate(rows):
             out[r] = z[j]
     return out

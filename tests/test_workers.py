@@ -307,3 +307,19 @@ def test_children_exit_when_the_supervisor_is_killed(tiny_bundle):
             time.sleep(0.1)
         assert not [r for r, p in roles.items() if Path(f"/proc/{p}").exists()]
         assert not run.exists()
+
+
+def test_an_answer_does_not_depend_on_the_process_layout(tiny_bundle):
+    """The same image gets the same JSON, byte for byte, from one process and from API processes in
+    front of an engine process (probabilities are float32 in both)."""
+    blob = png(3)
+    answers = []
+    for workers in ("0", "2"):
+        args = ("--workers", workers, "--threads", "1", "--log-level", "warning")
+        with serve(tiny_bundle, *args) as (_proc, url, _):
+            for task in ("digits", "animals"):
+                r = httpx.post(f"{url}/predict/{task}", content=blob, headers={"content-type": "image/png"})
+                assert r.status_code == 200, r.text
+                answers.append((workers, task, r.content))
+    one, split = answers[:2], answers[2:]
+    assert [(t, a) for _, t, a in one] == [(t, a) for _, t, a in split]
