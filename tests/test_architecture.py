@@ -129,6 +129,12 @@ def test_training_and_models_never_import_service(package):
     assert _offenders(package, ("service",)) == []
 
 
+def test_service_never_imports_torch_anywhere():
+    """Every module of service/ (bench included, lazy imports too): the subprocess test in
+    test_service_units.py imports the main ones; this one reads them all."""
+    assert _offenders("service", ("torch", "timm", "torchvision")) == []
+
+
 def test_contract_is_torch_free_http_free_and_standalone():
     banned = ("torch", "timm", "torchvision", "fastapi", "starlette", "uvicorn", "onnxruntime")
     assert _offenders("contract", (*banned, "service", "training", "models")) == []
