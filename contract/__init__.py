@@ -8,4 +8,5 @@ Torch-free and HTTP-free: ``training/`` and ``service/`` both import it, it impo
 - :mod:`contract.accounting` total vs task-specific parameters, bytes held vs N models
 - :mod:`contract.images`     Pillow image -> 8-bit RGB, the one conversion of both sides
 - :mod:`contract.errors`     error types (no HTTP: ``service/errors.py`` maps them to statuses)
+- :mod:`contract.host`       host facts both sides read alike (CPUs available, INT8 CPU features)
 """

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from contract.errors import BundleError
+from contract.host import cpu_flags
 from contract.manifest import VariantSpec
 
 CUDA = "CUDAExecutionProvider"
@@ -32,17 +33,6 @@ def check_precision(spec: VariantSpec, providers: Sequence[str], path: str | Pat
             f"session runs on {', '.join(providers) or 'no provider'}: serve the fp32 or int8 bundle on "
             "the CPU, or this one with --device cuda (onnxruntime-gpu and a GPU)"
         )
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``), empty where unknown (not Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def int8_flags(flags: set[str] | None = None) -> dict[str, bool]:

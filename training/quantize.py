@@ -15,7 +15,6 @@ each and their top-1 agreement go into the manifest, and a task that loses more 
 This module runs the steps; each lives in its own:
 
 - :mod:`training.quantize_options`     the options, their choices and checks
-- :mod:`training.quantize_machine`     CPU flags (VNNI / AMX) and threads
 - :mod:`training.quantize_data`        each task's data root, calibration and val samples, transform
 - :mod:`training.quantize_chain`       onnxruntime sessions run along one task's path
 - :mod:`training.quantize_calibration` per-variant calibration inputs (the reader onnxruntime pulls)
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from contract.bundle import Bundle, load_bundle
 from contract.errors import UserError
+from contract.host import available_cpus, has_vnni
 from contract.manifest import Manifest
 from training.quantize_accuracy import check_accuracy, say_accuracy
 from training.quantize_accuracy import evaluate as _evaluate  # tests replace it here
@@ -41,23 +41,11 @@ from training.quantize_calibration import Reference
 from training.quantize_chain import OrtChain
 from training.quantize_data import CONFIG, eval_transform, load_tasks, resolve_data
 from training.quantize_fp16 import fp16_providers
-from training.quantize_machine import VNNI_FLAGS, cpu_flags, has_vnni, usable_threads
-from training.quantize_options import CALIBRATE_METHODS, PRECISIONS, QuantizeOptions, check_options
+from training.quantize_options import QuantizeOptions, check_options
 from training.quantize_segments import reduce_segments
 from training.quantize_write import method_record, reduced_report, work_folder, write_bundle
 
-__all__ = [
-    "CALIBRATE_METHODS",
-    "CONFIG",
-    "PRECISIONS",
-    "VNNI_FLAGS",
-    "QuantizeOptions",
-    "check_accuracy",
-    "cpu_flags",
-    "has_vnni",
-    "quantize_bundle",
-    "resolve_data",
-]
+__all__ = ["CONFIG", "QuantizeOptions", "check_accuracy", "quantize_bundle", "resolve_data"]
 
 log = logging.getLogger("mtserve.quantize")
 
@@ -94,9 +82,9 @@ def quantize_bundle(
     src, out = Path(src), Path(out)
     bundle = _open_source(src, out, options)
     manifest = bundle.manifest
-    vnni = has_vnni(cpu_flags())
+    vnni = has_vnni()
     reduce_range = (not vnni) if options.reduce_range is None else options.reduce_range
-    threads = usable_threads(options.threads)
+    threads = options.threads or available_cpus()
     tasks = load_tasks(manifest, resolve_data(src, manifest, data), options)
     ref = Reference(OrtChain(bundle, threads), tasks, eval_transform(manifest))
 

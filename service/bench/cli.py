@@ -13,12 +13,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from contract.host import available_cpus
 from service.bench import api_cpu as api_cpu_scenario
 from service.bench import precision as precision_scenario
 from service.bench import tasks_scaling as scaling_scenario
 from service.bench import workers as workers_scenario
 from service.bench.context import BenchContext, BenchModel
-from service.settings import available_cpus
 
 SCENARIOS = ("engine", "overhead", "cross-task", "memory", "peer", "idle")
 # scenarios with bundles or servers of their own, run one at a time

@@ -9,7 +9,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from service.settings import available_cpus
+from contract.host import available_cpus
 
 PACKAGES = ("mtserve", "onnxruntime", "numpy", "fastapi", "uvicorn", "pillow", "litserve", "httptools")
 

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from contract.bundle import load_bundle
+from contract.host import cpu_flags
 from service.bench.machine import describe
-from service.precision import CUDA, cpu_flags, int8_flags
+from service.precision import CUDA, int8_flags
 
 BATCHES = (1, 32)
 

@@ -76,7 +76,7 @@ def make_app(bundle: str, workers: int, inline: bool = False):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from service.settings import available_cpus
+    from contract.host import available_cpus
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle")
