@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract.accounting import Accounting
-from contract.errors import BundleError
+from contract.errors import BundleError, UnknownTask
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -120,6 +120,13 @@ class Manifest(_Frozen):
                 if vid not in by_name[seg].variants:
                     raise ValueError(f"tasks.{task}.variants.{seg}: unknown variant {vid!r}")
         return self
+
+    def task(self, name: str) -> TaskSpec:
+        """The task's spec; :class:`UnknownTask` (404) naming the tasks there are."""
+        spec = self.tasks.get(name)
+        if spec is None:
+            raise UnknownTask(f"unknown task {name!r}; tasks are {sorted(self.tasks)}")
+        return spec
 
     def variant_of(self, task: str, segment: str) -> str:
         return self.tasks[task].variants[segment]

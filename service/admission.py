@@ -49,10 +49,14 @@ class Admission:
             return self.failed or "the model is loading"
         return None
 
-    def check(self, rows: int = 1) -> None:
-        """503 when not ready or draining; 429 when ``rows`` more rows would not fit in the queue."""
+    def check_ready(self) -> None:
+        """503 unless ready and not draining."""
         if (reason := self.not_ready()) is not None:
             raise NotReady(reason)
+
+    def check(self, rows: int = 1) -> None:
+        """503 when not ready or draining; 429 when ``rows`` more rows would not fit in the queue."""
+        self.check_ready()
         queued, size = self.room()
         if queued + rows > size:
             raise queue_full(queued, size)

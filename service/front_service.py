@@ -50,10 +50,7 @@ class RemoteVersion:
         self.leases = 0
 
     def task(self, name: str) -> TaskSpec:
-        spec = self.manifest.tasks.get(name)
-        if spec is None:
-            raise UnknownTask(f"unknown task {name!r}; tasks are {sorted(self.manifest.tasks)}")
-        return spec
+        return self.manifest.task(name)
 
     async def __aenter__(self) -> RemoteVersion:
         self.leases += 1
@@ -231,8 +228,7 @@ class FrontService:
         return self.unit.task(name)
 
     def admit(self) -> None:
-        if (reason := self.admission.not_ready()) is not None:
-            raise NotReady(reason)
+        self.admission.check_ready()
 
     def acquire(self, task: str, model_version: str | None = None) -> RemoteVersion:
         """As :meth:`Service.acquire`. The generation is read at every admission, so a request admitted

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request
 
-from contract.errors import DeadlineExceeded, UnknownTask
+from contract.errors import DeadlineExceeded
 from contract.manifest import Manifest, TaskSpec
 from service.batcher import Batcher
 from service.engine_types import Engine
@@ -53,10 +53,7 @@ class ServedVersion:
         self._idle.set()
 
     def task(self, name: str) -> TaskSpec:
-        spec = self.manifest.tasks.get(name)
-        if spec is None:
-            raise UnknownTask(f"unknown task {name!r}; tasks are {sorted(self.manifest.tasks)}")
-        return spec
+        return self.manifest.task(name)
 
     async def __aenter__(self) -> ServedVersion:
         self.leases += 1

@@ -159,8 +159,7 @@ class Service:
 
     def admit(self) -> None:
         """503 unless ready and not draining."""
-        if (reason := self.admission.not_ready()) is not None:
-            raise NotReady(reason)
+        self.admission.check_ready()
 
     def acquire(self, task: str, model_version: str | None = None) -> ServedVersion:
         """Admission: the version served now, for ``async with`` (404 unknown task or version, 503
