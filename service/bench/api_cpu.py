@@ -4,12 +4,12 @@ uvicorn doing the same decode, preprocessing and JSON answer without an engine
 (service/bench/raw_asgi_app.py).
 
 Per server and round: a warm-up, then ``--requests`` POSTs of the demo PNG (top-5 JSON) from
-``hey -n N -c C`` (else the project's load generator), and the servers' CPU seconds from /proc before
-and after (service/bench/proc_cpu.py): all processes of the server except the engine process, and in a
-single-process server all threads except the engine's. Rounds interleave the servers, so that what
-else the machine runs weighs on each alike; the figure is the median over rounds, and the ratio
-ours/raw is taken per round. ``--baseline DIR`` adds the server of another source tree (a
-``git worktree`` of an older commit: a before/after A/B in the same run).
+``--loadgen`` (auto: wrk, else ``hey -n N -c C``, else the project's generator; service/bench/wrk.py),
+and the servers' CPU seconds from /proc before and after (service/bench/proc_cpu.py): all processes of
+the server except the engine process, and in a single-process server all threads except the engine's.
+Rounds interleave the servers, so that what else the machine runs weighs on each alike; the figure is
+the median over rounds, and the ratio ours/raw is taken per round. ``--baseline DIR`` adds the server of
+another source tree (a ``git worktree`` of an older commit: a before/after A/B in the same run).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.bench import proc_cpu, report, server
+from service.bench import proc_cpu, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
@@ -105,13 +104,18 @@ def raw(bundle: Path, inline: bool) -> Target:
     return Target("raw-inline" if inline else "raw", cmd + (["--inline"] if inline else []), ready="/")
 
 
-def load(port: int, path: str, body: bytes, n: int, c: int, png: Path) -> dict:
-    """``n`` POSTs over ``c`` connections; status codes and requests/s (hey when on PATH)."""
-    hey = shutil.which("hey")
-    url = f"http://127.0.0.1:{port}{path}"
+def load(port: int, path: str, body: bytes, n: int, c: int, png: Path, tool: str = "auto") -> dict:
+    """``n`` POSTs over ``c`` connections: status codes, transport errors, wall time and the load
+    generator used (``--loadgen``: wrk when on PATH, else hey, else the project's generator)."""
+    tool = wrk.pick(tool, one_body=True)
     t0 = time.perf_counter()
-    if hey:
-        cmd = [hey, "-n", str(n), "-c", str(c), "-m", "POST", "-T", "image/png", "-D", str(png), url]
+    if tool == "wrk":
+        got = wrk.run(port, [wrk.Request(path, body, "image/png")], c, n_requests=n)
+        errors = got["transport_errors"]
+        return {"tool": "wrk", "codes": got["codes"], "errors": errors, "wall_s": got["wall_s"]}
+    if tool == "hey":
+        url = f"http://127.0.0.1:{port}{path}"
+        cmd = ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", "image/png", "-D", str(png), url]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
         codes = {k: int(v) for k, v in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
         tail = out.partition("Error distribution:")[2]
@@ -120,7 +124,7 @@ def load(port: int, path: str, body: bytes, n: int, c: int, png: Path) -> dict:
     from service.bench.loadgen import http_post, run
 
     codes = run(_own_load(port, http_post(path, body, "image/png"), n, c))
-    return {"tool": "loadgen", "codes": codes, "errors": 0, "wall_s": time.perf_counter() - t0}
+    return {"tool": "python", "codes": codes, "errors": 0, "wall_s": time.perf_counter() - t0}
 
 
 async def _own_load(port: int, request: bytes, n: int, c: int) -> dict[str, int]:
@@ -145,15 +149,16 @@ def measure(t: Target, port: int, pid: int, args, path: str, body: bytes, png: P
     """One round of one server: CPU per request by role (ms), requests/s, status codes."""
     names = proc_cpu.names_of(pid)
     before = proc_cpu.Snapshot.take(pid)
-    got = load(port, path, body, args.requests, args.concurrency, png)
+    got = load(port, path, body, args.requests, args.concurrency, png, args.loadgen)
     after = proc_cpu.Snapshot.take(pid)
     for p, n in proc_cpu.names_of(pid).items():  # threads started during the run
         names.setdefault(p, {}).update(n)
     cpu = proc_cpu.by_role(before, after, names)
-    n = sum(got["codes"].values()) or args.requests  # hey sends n // c per connection
+    n = sum(got["codes"].values()) or args.requests  # hey sends n // c per connection, wrk a few more
     row = {"server": t.name, "requests": n, "rps": round(n / got["wall_s"], 1)}
     row |= {f"{k}_ms": round(v / n * 1e3, 4) for k, v in cpu.items()}
-    row |= {"codes": {str(k): v for k, v in got["codes"].items()}, "tool": got["tool"]}
+    row |= {"codes": {str(k): v for k, v in got["codes"].items()}, "errors": got["errors"]}
+    row["tool"] = got["tool"]
     row["loadavg"] = round(os.getloadavg()[0], 2)
     return row
 
@@ -166,6 +171,7 @@ def summarize(targets: list[Target]) -> tuple[list[dict], dict]:
         row = {"server": t.name, "rounds": len(t.rounds)}
         for key in ("front_ms", "loop_ms", "decode_ms", "other_ms", "unnamed_ms", "engine_ms", "rps"):
             row[key] = round(statistics.median(r[key] for r in t.rounds), 4)
+        row["tool"] = t.rounds[-1]["tool"]
         rows.append(row)
     by = {t.name: t for t in targets}
     for t in targets:
@@ -202,7 +208,7 @@ def interleaved(targets: list[Target], args, concurrency: int, path: str, body: 
             port = server.free_port()
             cmd = [a.replace("{port}", str(port)) for a in t.cmd]
             proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
-            load(port, path, body, max(200, args.requests // 10), concurrency, png)  # warm-up
+            load(port, path, body, max(200, args.requests // 10), concurrency, png, args.loadgen)  # warm-up
             started.append((t, port, proc.pid))
         for r in range(args.rounds):
             for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
@@ -215,6 +221,7 @@ def run_api_cpu(args) -> dict:
 
     from contract.bundle import load_bundle
 
+    args.loadgen = wrk.pick(args.loadgen, one_body=True)  # fail before starting servers
     bundle = Path(args.demo)
     manifest = load_bundle(bundle, verify_sha256=False).manifest
     task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
@@ -228,7 +235,7 @@ def run_api_cpu(args) -> dict:
         "cpu_flags": int8_flags(),
         "config": {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
                    "task": task, "image_bytes": len(body), "server_args": args.server_args,
-                   "baselines": args.baseline},
+                   "baselines": args.baseline, "loadgen": args.loadgen},
     }  # fmt: skip
     interleaved(targets, args, args.concurrency, path, body, "front_ms", "{:.3f} ms CPU/request")
     rows, ratios = summarize(targets)

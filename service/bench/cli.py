@@ -18,6 +18,7 @@ from service.bench import api_cpu as api_cpu_scenario
 from service.bench import precision as precision_scenario
 from service.bench import tasks_scaling as scaling_scenario
 from service.bench import workers as workers_scenario
+from service.bench import wrk
 from service.bench.context import BenchContext, BenchModel
 
 SCENARIOS = ("engine", "overhead", "cross-task", "memory", "peer", "idle")
@@ -55,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p99-demo-ms", type=float, default=100.0, help="p99 target of the demo model")
     p.add_argument("--p99-r50-ms", type=float, default=2000.0, help="p99 target of resnet50")
     p.add_argument("--quick", action="store_true", help="smoke run: short points, few rates (no figures)")
+    p.add_argument(
+        "--loadgen",
+        choices=wrk.TOOLS,
+        default="auto",
+        help="closed-loop saturation load (overhead, api-cpu, workers): auto = wrk, else hey (one body "
+        "only), else the Python generator; open-loop scenarios always use the Python one (docs/bench.md)",
+    )
     precision_scenario.add_arguments(p)
     api_cpu_scenario.add_arguments(p)
     workers_scenario.add_arguments(p)
@@ -73,7 +81,7 @@ def models(args: argparse.Namespace) -> dict[str, BenchModel]:
 
 def contexts(args: argparse.Namespace) -> dict[str, BenchContext]:
     base = BenchContext(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
-    base = replace(base, device=args.device)
+    base = replace(base, device=args.device, loadgen=args.loadgen)
     if args.quick:
         base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
         return {"demo": base, "r50": base}  # models' warm-up shortened in run()
@@ -142,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         print((out / "summary.md").read_text())
         return 0
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    if "overhead" in names:
+        wrk.pick(args.loadgen, one_body=False)  # a missing or unfit --loadgen fails now, not mid-run
     ms, ctxs = models(args), contexts(args)
     results: dict[str, dict] = {}
     t0 = time.monotonic()

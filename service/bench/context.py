@@ -38,6 +38,7 @@ class BenchContext:
     mixes: tuple[str, ...] = ("uniform", "zipf")
     quick: bool = False
     device: str = "cpu"  # cuda: the engine and the servers use the CUDA provider (IOBinding)
+    loadgen: str = "auto"  # closed-loop saturation (P1): auto, wrk, hey, python (service/bench/wrk.py)
 
     def server_args(self, *extra: str) -> list[str]:
         return [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.bench import loadgen, payloads, report, server
+from service.bench import loadgen, payloads, report, server, wrk
 from service.bench.context import BenchContext, BenchModel
 from service.bench.engine_bench import make_engine, run_engine, time_batches
 
@@ -12,11 +12,18 @@ from service.bench.engine_bench import make_engine, run_engine, time_batches
 def saturate(
     ctx: BenchContext, model: BenchModel, port: int, requests: dict[str, bytes], clients: int
 ) -> dict:
-    """Closed loop, ``clients`` in flight, tasks uniformly mixed; adds the trunk batch statistics."""
-    mix = loadgen.task_mix(list(requests), "uniform")
+    """Closed loop, ``clients`` in flight, tasks uniformly mixed (``--loadgen``: wrk sends each task's
+    request in turn, the Python generator draws them at random); adds the trunk batch statistics."""
+    tool = wrk.pick(ctx.loadgen, one_body=False)  # hey sends one body: not for a task mix
     before = server.scrape_batches(port)
-    res = loadgen.run(loadgen.closed_loop(port, requests, [mix] * clients, ctx.seconds, model.warmup_s))
-    return res.summary() | {"clients": clients} | server.batch_delta(before, server.scrape_batches(port))
+    if tool == "wrk":
+        reqs = [wrk.from_raw(r) for r in requests.values()]
+        res = wrk.run(port, reqs, clients, seconds=ctx.seconds, warmup_s=model.warmup_s)
+    else:
+        mix = loadgen.task_mix(list(requests), "uniform")
+        closed = loadgen.closed_loop(port, requests, [mix] * clients, ctx.seconds, model.warmup_s)
+        res = loadgen.run(closed).summary()
+    return res | {"clients": clients} | server.batch_delta(before, server.scrape_batches(port))
 
 
 def overhead(ctx: BenchContext, model: BenchModel) -> dict:
@@ -55,6 +62,7 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     }
     cols = [
         "route",
+        "tool",
         "clients",
         "throughput_rps",
         "p50_ms",
@@ -164,6 +172,7 @@ def cross_task(ctx: BenchContext, model: BenchModel) -> dict:
                     "mean_trunk_batch": r["closed"]["mean_trunk_batch"],
                     "mean_tasks_per_batch": r["closed"]["mean_tasks_per_batch"],
                     f"rps_at_p99<={model.p99_target_ms:g}ms": r["at_p99_target_rps"],
+                    "tool": r["closed"]["tool"],
                 }
             )
     result |= {"p99_target_ms": model.p99_target_ms, "runs": runs, "rows": rows, "figure": figure}
@@ -244,6 +253,7 @@ def _idle_row(wait: float, route: str, s: dict, eng: float, decode: float) -> di
         "decode_p50_ms": round(decode, 3),
         "overhead_p50_ms": round(s["p50_ms"] - eng, 3),
         "overhead_minus_decode_ms": round(s["p50_ms"] - eng - decode, 3),
+        "tool": s["tool"],
     }
 
 

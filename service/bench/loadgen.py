@@ -1,10 +1,12 @@
 """A small HTTP/1.1 load generator on raw asyncio sockets (keep-alive, loopback only).
 
-Why not wrk/hey: the scenarios need an open-loop arrival schedule (Poisson, latency counted from
-the scheduled arrival so a slow server cannot slow the generator down: no coordinated omission),
-a per-request task drawn from a task mix (uniform or Zipf), per-request routing to that task's
-URL and prebuilt bodies (JPEG, Triton binary tensors, JSON). Parsing only the status line and
-Content-Length keeps it cheap: it costs a fraction of what the server spends per request.
+Saturating closed loops drive wrk when it is on PATH (service/bench/wrk.py, ``--loadgen``: less CPU per
+request, taken from the server under test on a small machine). What wrk/hey cannot do stays here: the
+scenarios need an open-loop arrival schedule (Poisson, latency counted from the scheduled arrival so a
+slow server cannot slow the generator down: no coordinated omission), a per-request task drawn from a
+task mix (uniform or Zipf), per-request routing to that task's URL and prebuilt bodies (JPEG, Triton
+binary tensors, JSON). Parsing only the status line and Content-Length keeps it cheap: it costs a
+fraction of what the server spends per request.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Result:
         lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.zeros(1)
         ok = sum(n for c, n in self.codes.items() if 200 <= c < 300)
         return {
+            "tool": "python",
             "mode": self.mode,
             "offered_rps": None if self.offered_rps is None else round(self.offered_rps, 1),
             "throughput_rps": round(ok / max(self.seconds, self.window_s), 1),

@@ -38,6 +38,7 @@ def peer(ctx: BenchContext, model: BenchModel) -> dict:
             "closed_p50_ms": r["closed"]["p50_ms"],
             "closed_p99_ms": r["closed"]["p99_ms"],
             f"rps_at_p99<={model.p99_target_ms:g}ms": r["at_p99_target_rps"],
+            "tool": r["closed"]["tool"],
         }
         for name, r in runs.items()
     ]

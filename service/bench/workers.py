@@ -4,9 +4,9 @@ what scales is the front (HTTP, decode, preprocess, answer, the wire) even on a 
 
 One server per workers value, all started first; then rounds that interleave them: per server
 ``--requests`` single-image ``/predict`` POSTs (the demo PNG, top-5) over ``--workers-concurrency``
-connections (hey, else the project's load generator), requests/s and the CPU per request outside the
-engine process (service/bench/proc_cpu.py). The figure: median requests/s per workers value and its
-ratio to the first value (1 worker by default).
+connections (``--loadgen``: wrk, else hey, else the project's load generator), requests/s and the CPU
+per request outside the engine process (service/bench/proc_cpu.py). The figure: median requests/s per
+workers value and its ratio to the first value (1 worker by default).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import statistics
 from pathlib import Path
 
-from service.bench import api_cpu, report, server
+from service.bench import api_cpu, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
@@ -50,6 +50,7 @@ def _rows(targets: list[api_cpu.Target]) -> list[dict]:
         for key in ("rps", "front_ms", "engine_ms"):
             row[key] = round(statistics.median(r[key] for r in t.rounds), 3)
         row["codes"] = t.rounds[-1]["codes"]
+        row["tool"] = t.rounds[-1]["tool"]
         rows.append(row)
     base = rows[0]["rps"] or float("nan")
     for row in rows:
@@ -64,6 +65,7 @@ def run_workers(args) -> dict:
         raise SystemExit(f"bench workers: {why}")
     from contract.bundle import load_bundle
 
+    args.loadgen = wrk.pick(args.loadgen, one_body=True)  # fail before starting servers
     bundle = Path(args.demo)
     manifest = load_bundle(bundle, verify_sha256=False).manifest
     task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
@@ -78,7 +80,8 @@ def run_workers(args) -> dict:
         "cpu_flags": int8_flags(),
         "config": {"workers": values, "emulate_device_ms": args.emulate_device_ms, "requests": args.requests,
                    "concurrency": args.workers_concurrency, "rounds": args.rounds, "task": task,
-                   "max_batch_size": args.max_batch_size, "server_args": args.server_args},
+                   "max_batch_size": args.max_batch_size, "server_args": args.server_args,
+                   "loadgen": args.loadgen},
     }  # fmt: skip
     api_cpu.interleaved(targets, args, args.workers_concurrency, path, body, "rps", "{:.0f} requests/s")
     rows = _rows(targets)
