@@ -35,6 +35,7 @@ from service.buckets import Buckets
 from service.engine_bucketed import BucketCall, BucketedPath
 from service.engine_paths import DirectPaths
 from service.engine_types import Call, SegmentRun
+from service.heap import default_trimmer, limit_arenas
 from service.ort_setup import device_memory_used, register_shared_cpu_arena, rss_bytes
 from service.precision import check_precision
 from service.session_pool import SessionKey, SessionPool
@@ -74,6 +75,7 @@ class OrtEngine(BucketedPath, DirectPaths):
         session_per_bucket: bool | None = None,
         session_factory: SessionFactory | None = None,
         session_pool: SessionPool | None = None,
+        manage_heap: bool = True,
     ):
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -98,6 +100,11 @@ class OrtEngine(BucketedPath, DirectPaths):
             for v, spec in s.variants.items()
         }
         self._fresh: set[str] | None = None if session_pool is None else set()  # files loaded, not reused
+        # loading leaves freed heap resident: given back after start() and stop(), in a thread; and
+        # the threads of a reload share malloc arenas instead of each growing one (service/heap.py)
+        self._trimmer = default_trimmer() if manage_heap else None
+        if manage_heap:
+            limit_arenas()
         self.sessions_reused = 0
         self.providers: list[str] = []
         self.ready = False
@@ -217,6 +224,8 @@ class OrtEngine(BucketedPath, DirectPaths):
         )  # fmt: skip
         for line in self.fallbacks:
             log.warning("fallback: %s", line)
+        if self._trimmer is not None:
+            self._trimmer.request(f"engine {self.manifest.version} started")
 
     def _create_sessions(self) -> None:
         """One session per (segment, variant), checked against the manifest; ``providers`` in use."""
@@ -272,8 +281,15 @@ class OrtEngine(BucketedPath, DirectPaths):
             "cuda_graphs_captured": graphs,
             "buffers_bytes": int(buffers),
             "fallbacks": list(self.fallbacks),
+            "heap": self._heap(),
             **self._describe,
         }  # fmt: skip
+
+    def _heap(self) -> dict | None:
+        """The process's heap handling (service/heap.py): the arena cap, the trims so far."""
+        if self._trimmer is None:
+            return None
+        return {"malloc_arenas_max": limit_arenas(), **self._trimmer.stats()}
 
     def _check_io(self, sess, path, i: int, seg: SegmentSpec, vid: str) -> None:
         (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
@@ -323,6 +339,8 @@ class OrtEngine(BucketedPath, DirectPaths):
         self.sessions.clear()
         if self._pool is not None:
             self._pool.release_all(self)
+        if self._trimmer is not None:  # sessions no other engine uses are freed by now
+            self._trimmer.request(f"engine {self.manifest.version} stopped")
 
     # -- inference ----------------------------------------------------------------------------
     def infer(self, x: np.ndarray, tasks: Sequence[str]) -> tuple[list[np.ndarray], list[SegmentRun]]:
