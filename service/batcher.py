@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from contract.errors import ClientClosed, DeadlineExceeded, NotReady
 from service.admission import queue_full
+from service.client_watch import Leaving
 from service.engine_types import Engine, SegmentRun
 from service.postprocess import softmax_rows
 
@@ -217,32 +218,26 @@ class Batcher:
                 msg = f"deadline passed after {waited:.3f} s, while its batch was computing"
                 job.future.set_exception(DeadlineExceeded(msg))
 
-    def _client_left(self, job: Job, watcher: asyncio.Future) -> None:
-        if watcher.cancelled():  # the job finished first
-            return
-        watcher.exception()  # retrieved: whatever ended the watch, the client is gone
+    def _client_left(self, job: Job) -> None:
         exc = ClientClosed("client disconnected")
         if not self._abandon(job, exc) and not job.future.done():  # started: its rows are dropped
             job.future.set_exception(exc)
 
-    async def wait(self, job: Job, disconnected: Awaitable | None = None) -> list[np.ndarray]:
+    async def wait(self, job: Job, leaving: Leaving | None = None) -> list[np.ndarray]:
         """The job's probabilities per row. 504 when its deadline passes (if it had not started
-        computing, it never is); if the client leaves (``disconnected`` completes) it is skipped.
+        computing, it never is); if the client leaves (``leaving`` says so) it is skipped.
 
-        Hot path: one timer and (with ``disconnected``) one watcher task with a done callback; the
-        future is awaited directly (``asyncio.wait`` cost about a tenth of the event loop's time)."""
+        Hot path: one timer and (with ``leaving``) one probe in the client watch (service/client_watch.py);
+        the future is awaited directly (``asyncio.wait`` cost about a tenth of the event loop's time)."""
         loop = asyncio.get_running_loop()
         timer = loop.call_later(max(0.0, job.deadline - time.monotonic()), self._expire, job)
-        watcher = None
-        if disconnected is not None:
-            watcher = asyncio.ensure_future(disconnected)
-            watcher.add_done_callback(functools.partial(self._client_left, job))
+        stop = leaving(functools.partial(self._client_left, job)) if leaving is not None else None
         try:
             return await job.future
         finally:
             timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            if stop is not None:
+                stop()
             if not job.future.done() or job.future.cancelled():  # the waiter itself was cancelled
                 self._abandon(job)
 

@@ -15,13 +15,14 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from contract.errors import ClientClosed, NotReady
 from service import wire
 from service.channel import Channel
+from service.client_watch import Leaving
 
 log = logging.getLogger("mtserve.engine_client")
 ENGINE_DIED = "the engine process exited; the server is restarting"
@@ -95,28 +96,22 @@ class EngineClient:
         return rid, fut
 
     async def infer(
-        self, task: str, x: np.ndarray, gen: int, deadline: float, disconnected: Awaitable | None = None
+        self, task: str, x: np.ndarray, gen: int, deadline: float, leaving: Leaving | None = None
     ) -> tuple[str, np.ndarray]:
         """(version, probabilities [n, C]) of the rows ``x``; 504 / 429 / 503 as the engine answers;
-        499 (ClientClosed) if ``disconnected`` completes first (the engine is told to drop the job)."""
+        499 (ClientClosed) if ``leaving`` says the client left first (the engine is told to drop the job)."""
         rid, fut = self._open()
         self._send(wire.Infer(rid, task, gen, deadline, tuple(x.shape)), wire.tensor_frame(x))
-        watcher = None
-        if disconnected is not None:
-            watcher = asyncio.ensure_future(disconnected)
-            watcher.add_done_callback(functools.partial(self._client_left, rid))
+        stop = leaving(functools.partial(self._client_left, rid)) if leaving is not None else None
         try:
             return await fut
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            if stop is not None:
+                stop()
             if self.pending.pop(rid, None) is not None and self.dead is None:  # not answered: drop it
                 self._send(wire.Cancel(rid))
 
-    def _client_left(self, rid: int, watcher: asyncio.Future) -> None:
-        if watcher.cancelled():  # answered first
-            return
-        watcher.exception()  # retrieved: whatever ended the watch, the client is gone
+    def _client_left(self, rid: int) -> None:
         fut = self.pending.get(rid)
         if fut is not None and not fut.done():
             fut.set_exception(ClientClosed("client disconnected"))

@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 from starlette.requests import Request
 
-from contract.errors import ClientClosed, NotReady, UnknownTask
+from contract.errors import NotReady, UnknownTask
 from contract.manifest import Manifest, TaskSpec, read_manifest
 from service.admission import Admission
+from service.client_watch import ClientWatch
 from service.engine_client import EngineClient
 from service.engine_status import DRAINING, ENGINE_PID, GEN, QUEUED, READY, StatusBlock, watch_supervisor
 from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
-from service.served_version import disconnected
 from service.settings import Settings
 
 log = logging.getLogger("mtserve.front")
@@ -63,10 +63,11 @@ class RemoteVersion:
 
     async def infer(self, task: str, x: np.ndarray, request: Request, deadline: float) -> list[np.ndarray]:
         """Send the rows to the engine; await their probabilities (504, 429, 499 and 503 as there).
-        A client already gone (it may leave while its body is decoded) costs the engine nothing."""
-        if await request.is_disconnected():
-            raise ClientClosed("client disconnected")
-        _, probs = await self.front.client.infer(task, x, self.gen, deadline, disconnected(request))
+        A client that leaves (also while its body was decoded) is seen by the client watch within
+        its interval and the engine is told to drop the rows (no per-request ``is_disconnected()``
+        probe first: its anyio cancel scope cost ~7 % of this process's event loop)."""
+        leaving = self.front.watch.leaving(request.receive)
+        _, probs = await self.front.client.infer(task, x, self.gen, deadline, leaving)
         return list(probs)
 
 
@@ -95,6 +96,7 @@ class FrontService:
         self.unit = RemoteVersion(self, read_manifest(Path(info["path"])), info["gen"], Path(info["path"]))
         self.older: set[RemoteVersion] = set()
         self.engine = EngineView(block)
+        self.watch = ClientWatch()  # which clients left while their rows are in the engine
         self.metrics = Metrics(self.manifest, settings.max_batch_size)
         self.metrics.queue_depth.set_function(lambda: block.ints[QUEUED])
         self.metrics.live.processes = self.processes

@@ -88,6 +88,7 @@ class Metrics:
         r.register(self.live)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.manifest = manifest
+        self._children: dict[tuple[int, str], Histogram] = {}
         self._add_labels(manifest)
 
     def _add_labels(self, manifest: Manifest) -> None:
@@ -108,18 +109,27 @@ class Metrics:
             self.manifest = manifest
         self.live.model_info = (self.manifest.name, self.manifest.version, ",".join(providers))
 
+    def _child(self, metric: Histogram, label: str) -> Histogram:
+        """``metric.labels(label)``, looked up once: ``labels()`` takes a lock and builds a key per call,
+        and the batcher asks per request and per batch."""
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
+
     def observe_segments(self, runs: Sequence[SegmentRun]) -> None:
         """Called from the executor thread after every batch."""
         for run in runs:
-            self.segment_duration.labels(run.segment).observe(run.seconds)
-            sizes = self.batch_size.labels(run.segment)
+            self._child(self.segment_duration, run.segment).observe(run.seconds)
+            sizes = self._child(self.batch_size, run.segment)
             for call in run.calls:
                 sizes.observe(call.rows)
                 if call.shared:
                     self.batch_tasks.observe(call.tasks)
 
     def observe_queue(self, task: str, seconds: float) -> None:
-        self.queue_duration.labels(task).observe(seconds)
+        self._child(self.queue_duration, task).observe(seconds)
 
     def render(self) -> bytes:
         if not self.multiprocess:

@@ -82,6 +82,7 @@ class OuterLayer:
                     raise PayloadTooLarge(f"body over the limit of {limit} bytes")
             return message
 
+        limited.inner = receive  # type: ignore[attr-defined]  # for service/client_watch.py
         return limited
 
     def _log_shed(self, now: float, reason: str) -> None:

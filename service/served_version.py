@@ -13,17 +13,12 @@ from fastapi import Request
 from contract.errors import DeadlineExceeded
 from contract.manifest import Manifest, TaskSpec
 from service.batcher import Batcher
+from service.client_watch import ClientWatch
 from service.engine_types import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("mtserve")
-
-
-async def disconnected(request: Request) -> None:
-    """Completes when the client goes away (or, on some servers, when the response is done)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 class ServedVersion:
@@ -47,6 +42,7 @@ class ServedVersion:
             observe_segments=metrics.observe_segments,
             observe_queue=metrics.observe_queue,
         )
+        self.watch = ClientWatch()  # which clients left while their rows wait
         self.leases = 0
         self.closing = False
         self._idle = asyncio.Event()
@@ -90,4 +86,4 @@ class ServedVersion:
         if self.closing:  # only after every deadline of requests admitted to it has passed
             raise DeadlineExceeded(f"deadline passed before the rows reached version {self.version}")
         job = self.batcher.submit(task, x, deadline)
-        return await self.batcher.wait(job, disconnected(request))
+        return await self.batcher.wait(job, self.watch.leaving(request.receive))

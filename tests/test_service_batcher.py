@@ -11,6 +11,7 @@ import pytest
 
 from contract.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
 from service.batcher import Batcher, Job, collect
+from service.client_watch import awaiting
 from tests.fakes import FakeEngine
 
 TASKS = ["digits", "animals", "shapes"]
@@ -246,7 +247,7 @@ async def test_client_that_left_is_skipped():
     await asyncio.sleep(0.05)
     gone = asyncio.Event()
     leaving = b.submit("animals", rows(1), far())
-    waiter = asyncio.ensure_future(b.wait(leaving, gone.wait()))
+    waiter = asyncio.ensure_future(b.wait(leaving, awaiting(gone.wait())))
     await asyncio.sleep(0.01)
     gone.set()
     with pytest.raises(ClientClosed):
