@@ -1,7 +1,8 @@
 """Cut a timm CNN into units: the stem, then every block, in forward order.
 
-Running the units in order equals ``model.forward_features``; ``model.forward_head`` with the body
-removed is the classifier head. Stage boundaries (timm's ``feature_info``) are a subset of the cuts.
+Running the units in order equals ``model.forward_features`` (MobileNetV3: then its pooled ``conv_head``,
+which the body holds); ``model.forward_head`` with the body removed is the classifier head. Stage
+boundaries (timm's ``feature_info``) are a subset of the cuts.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def body_units(model: nn.Module) -> list[Unit]:
     elif kind == "EfficientNet":
         stem, stages, neck = ["conv_stem", "bn1"], _blocks(model, "blocks"), ["conv_head", "bn2"]
     elif kind == "MobileNetV3":
-        stem, stages, neck = ["conv_stem", "bn1"], _blocks(model, "blocks"), []
+        # the "efficient head" pools, then a 1x1 conv_head (576 -> 1024 in the small model): shared body
+        # like EfficientNet's conv_head, so a task's own head is only its classifier (else 7 copies of it)
+        neck = [p for p in ("global_pool", "conv_head", "norm_head", "act2") if hasattr(model, p)]
+        stem, stages = ["conv_stem", "bn1"], _blocks(model, "blocks")
     elif kind == "ConvNeXt":
         stem, neck = ["stem"], ["norm_pre"]
         stages = _blocks(model, "stages", "blocks")

@@ -132,8 +132,10 @@ class MultiTaskNet(nn.Module):
     @staticmethod
     def _head(template_head: Head, num_classes: int) -> Head:
         head = copy.deepcopy(template_head)
-        if head.model.num_classes != num_classes:
-            head.model.reset_classifier(num_classes)
+        if head.model.num_classes != num_classes:  # a new Linear, as timm's reset_classifier makes it
+            path = classifier_path(head.model)  # (which MobileNetV3 cannot run once its pool is body)
+            head.model.set_submodule(path, nn.Linear(head.model.get_submodule(path).in_features, num_classes))
+            head.model.num_classes = num_classes
         return head
 
     # -- forward ---------------------------------------------------------------------------

@@ -182,3 +182,23 @@ def test_same_initial_function_for_every_plan(tmp_path: Path) -> None:
         outputs[plan] = [net.forward_task(x, t) for t in ("alpha", "beta", "gamma")]
     for plan, outs in outputs.items():
         assert all(torch.equal(a, b) for a, b in zip(outs, outputs["shared"], strict=True)), plan
+
+
+def test_task_counts_only_runs_just_the_subsets(tmp_path: Path) -> None:
+    """``--task-counts 2 --task-counts-only``: the first 2 task folders as their own data set, and not
+    the whole --data (whose runs another --out holds); the flag is in the command, not in the settings."""
+    pytest.importorskip("timm")
+    from service.cli import main
+
+    data = _image_folder(tmp_path / "mdb", {"alpha": 3, "beta": 2, "gamma": 2})
+    out = tmp_path / "out"
+    few = ["--levels", "", "--small-levels", "", "--bottom-levels", "", "--no-bn-ablation"]
+    argv = ["experiment", "paper", "--data", str(data), "--out", str(out), "--quick", "--backbone",
+            "test_resnet", "--timm-kwargs", "{}", "--task-counts", "2", "--task-counts-only", *few,
+            "--work", str(tmp_path / "work")]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["datasets"]) == ["mdb-2tasks"]
+    assert list(results["datasets"]["mdb-2tasks"]["tasks"]) == ["alpha", "beta"]
+    assert {r["plan"] for r in results["runs"]} == {"shared", "independent"}
+    assert "--task-counts-only" in results["command"] and "task_counts_only" not in results["settings"]

@@ -99,3 +99,31 @@ def test_shared_bn_exports(tmp_path) -> None:
     m = export_network(net.eval(), tmp_path / "bundle", labels=labels, data_config=TINY_INPUT, name="bn",
                        version="1", log=lambda *_: None)  # fmt: skip
     assert set(m.segments[0].variants) == {"a", "b"} and max(m.parity.values()) < 1e-4
+
+
+def test_mobilenetv3_plans_cut_and_match() -> None:
+    """The second backbone family (issue 15): MobileNetV3's pooled 1x1 conv_head is shared body, so a
+    task's own head is its classifier alone; shared stays small and every pair meets by the accounting."""
+    torch = pytest.importorskip("torch")
+    from models.network import MultiTaskNet
+    from training.experiment import choose_plans
+
+    classes = dict(zip("abcdefg", [10, 9, 10, 36, 24, 6, 10], strict=True))
+    plans = choose_plans("mobilenetv3_small_100", classes, {}, None, (), [0.05, 0.2], True)
+    by = {p.plan: p for p in plans}
+    assert len(by) == len(plans)  # no plan twice, though two levels may land on one bottom
+    assert by["shared"].proportion < 0.08 and by["independent"].proportion == 1.0
+    heads = [p for p in plans if p.plan.startswith("head:")]
+    tops = [p for p in plans if p.plan.startswith("top:")]
+    assert len(heads) == 2 and len(tops) == 2
+    for head in heads:
+        assert abs(head.proportion - by[head.match].proportion) < 0.015
+    assert max(by[h.match].proportion for h in heads) > 0.14  # the second level is not the first again
+    for top in tops:
+        assert abs(top.proportion - by[top.match].proportion) < 0.05
+    net = MultiTaskNet("mobilenetv3_small_100", {"a": 3, "b": 7}, "bottom:5").eval()
+    head = net.segments[-1].variants
+    assert [sum(p.numel() for p in head[t].parameters()) for t in "ab"] == [1024 * 3 + 3, 1024 * 7 + 7]
+    with torch.no_grad():
+        out = net(torch.randn(4, 3, 32, 32), [0, 1, 1, 0])
+    assert out.shape == (4, 7) and torch.isinf(out[[0, 3], 3:]).all() and torch.isfinite(out[1:3]).all()

@@ -85,7 +85,8 @@ def choose_plans(
     for lv in small_levels:
         bottom = spec("bottom", closest_cut("bottom", names, units, up, hp, lv)[0], None)
         head, _ = closest_head_width(names, units, up, hp, width, tasks, bottom.proportion)
-        pairs.append((spec("top", head, None), bottom))
+        if all(p.plan != head for p, _ in pairs):  # two levels may land on one bottom (MobileNetV3)
+            pairs.append((spec("top", head, None), bottom))
     for top, bottom in pairs:
         if bottom is None:
             bottom = spec("bottom", closest_cut("bottom", names, units, up, hp, top.proportion)[0], None)

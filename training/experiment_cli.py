@@ -52,6 +52,11 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="also run the first N task folders (name order) of --data as their own data sets, e.g. 3,5",
     )
     p.add_argument(
+        "--task-counts-only",
+        action="store_true",
+        help="run only the --task-counts subsets, not the whole --data (its runs are another --out's)",
+    )
+    p.add_argument(
         "--curve-points",
         type=int,
         default=5,
@@ -156,7 +161,9 @@ def command_line(args: argparse.Namespace) -> str:
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             parts += ["--" + flag.replace("_", "-"), value]
-    flags = (["--no-bn-ablation"] if not args.bn_ablation else []) + (["--quick"] if args.quick else [])
+    flags = ["--no-bn-ablation"] if not args.bn_ablation else []
+    flags += ["--task-counts-only"] if args.task_counts_only else []
+    flags += ["--quick"] if args.quick else []
     return shlex.join(parts + flags)
 
 
@@ -177,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     subsets = task_subsets(args.data, args.task_counts, Path(settings["work_dir"]))
-    datasets = {"mdb": args.data} | {f"mdb-{k}": v for k, v in subsets.items()}
+    if args.task_counts_only and not subsets:
+        raise SystemExit("--task-counts-only: no --task-counts below the number of task folders of --data")
+    datasets = {} if args.task_counts_only else {"mdb": args.data}
+    datasets |= {f"mdb-{k}": v for k, v in subsets.items()}
     datasets |= {"control": args.control_data} if args.control_data else {}
     start = time.perf_counter()
     command = command_line(args)
