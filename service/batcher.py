@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,7 +161,7 @@ class Batcher:
         self._stopping = False
         self._idle = True
         self._free_since = 0.0  # when the engine last finished its work (monotonic)
-        self._in_flight: set[asyncio.Task] = set()  # batches handed to the executor, not yet done
+        self._in_flight: set[asyncio.Future] = set()  # batches handed to the executor, not yet done
         self._lock = threading.Lock()  # Job.started / Job.abandoned, across loop and executor
 
     @property
@@ -318,16 +318,24 @@ class Batcher:
             for job, a, _ in batch.slices:
                 if a == 0:
                     self.observe_queue(job.task, now - job.enqueued)
-        task = asyncio.get_running_loop().create_task(self._execute(batch))
-        self._in_flight.add(task)
+        self._launch(batch)
 
-    async def _execute(self, batch: Batch) -> None:
-        """Run one batch in the executor thread and hand every job its rows."""
+    def _launch(self, batch: Batch) -> None:
+        """Hand the batch to the executor thread; :meth:`_finish` runs on the loop when it is done (a
+        future and two callbacks per batch: no task, no ``wrap_future`` chain)."""
         loop = asyncio.get_running_loop()
+        done = loop.create_future()  # what ``stop`` and a full pipeline wait on
+        self._in_flight.add(done)
+        work = self.executor.submit(self._compute, batch)
+        work.add_done_callback(lambda w: loop.call_soon_threadsafe(self._finish, batch, w, done))
+
+    def _finish(self, batch: Batch, work: Future, done: asyncio.Future) -> None:
+        """On the loop: hand every job its rows (or the engine's error: it fails this batch, never the
+        loop); the engine is free for a waiting batch."""
         try:
-            live, probs = await loop.run_in_executor(self.executor, self._compute, batch)
-        except Exception as exc:  # an engine failure fails this batch, never the loop
-            log.exception("batch of %d rows failed", batch.rows)
+            live, probs = work.result()
+        except Exception as exc:
+            log.error("batch of %d rows failed", batch.rows, exc_info=exc)
             for job, _, _ in batch.slices:
                 if not job.future.done():
                     job.future.set_exception(exc)
@@ -337,7 +345,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(DeadlineExceeded("deadline passed before its batch ran"))
         finally:
-            self._in_flight.discard(asyncio.current_task())
+            self._in_flight.discard(done)
+            done.set_result(None)
             if not self._in_flight:
                 self._free_since = time.monotonic()
             self._wakeup.set()  # the engine is free: a waiting batch may go
