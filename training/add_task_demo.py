@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--pause-ms", type=float, default=100.0)
     ap.add_argument("--server-threads", type=int, default=1)
+    ap.add_argument("--server-workers", help="mtserve serve --workers (default: the server's, auto)")
     ap.add_argument("--eval-per-class", type=int, default=20, help="served top-1 on N val images per class")
     return ap.parse_args(argv)
 
@@ -105,6 +106,8 @@ def start_server(args: argparse.Namespace, setup: Setup) -> subprocess.Popen:
     port = setup.url.rsplit(":", 1)[1]
     cmd = [sys.executable, "-m", "service.cli", "serve", str(setup.models / "v1"), "--host", "127.0.0.1",
            "--port", port, "--threads", str(args.server_threads)]  # fmt: skip
+    if args.server_workers is not None:
+        cmd += ["--workers", args.server_workers]
     with setup.log.open("w") as f:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
 
