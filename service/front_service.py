@@ -102,7 +102,7 @@ class FrontService:
         self.metrics.live.processes = self.processes
         self.pool = ThreadPoolExecutor(settings.decode_workers(), thread_name_prefix="mtserve-decode")
         self.preprocess = Preprocessor(
-            self.manifest.input, self.pool, settings.max_pixels, self.metrics.preprocess_duration.observe
+            self.manifest.input, self.pool, settings.max_pixels, self.metrics.observe_preprocess
         )
         self.admission = Admission(settings.timeout_ms, settings.inflight_limit(), block.room, LoopLag())
         self.client = EngineClient(endpoint, block.ints[ENGINE_PID], self._engine_died)
@@ -146,6 +146,7 @@ class FrontService:
     # -- life cycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.metrics.buffer_on_this_thread()
         self.admission.lag.start()
         await self.client.start()
         self._unwatch = watch_supervisor(loop, self._supervisor_died)
@@ -167,6 +168,7 @@ class FrontService:
         await self.client.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.admission.lag.stop()
+        self.metrics.buffer.flush()
 
     def _supervisor_died(self) -> None:
         self._fail("the supervisor process exited")

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from contract.manifest import Manifest
 from service.engine_types import SegmentRun
+from service.metric_buffer import MetricBuffer
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -88,7 +89,8 @@ class Metrics:
         r.register(self.live)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.manifest = manifest
-        self._children: dict[tuple[int, str], Histogram] = {}
+        self._children: dict[tuple, Histogram] = {}
+        self.buffer = MetricBuffer()  # per-request updates on the event loop, applied in bulk
         self._add_labels(manifest)
 
     def _add_labels(self, manifest: Manifest) -> None:
@@ -109,13 +111,13 @@ class Metrics:
             self.manifest = manifest
         self.live.model_info = (self.manifest.name, self.manifest.version, ",".join(providers))
 
-    def _child(self, metric: Histogram, label: str) -> Histogram:
-        """``metric.labels(label)``, looked up once: ``labels()`` takes a lock and builds a key per call,
-        and the batcher asks per request and per batch."""
-        key = (id(metric), label)
+    def _child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and builds a key per
+        call, and the routes and the batcher ask per request and per batch."""
+        key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(label)
+            child = self._children[key] = metric.labels(*labels)
         return child
 
     def observe_segments(self, runs: Sequence[SegmentRun]) -> None:
@@ -129,9 +131,25 @@ class Metrics:
                     self.batch_tasks.observe(call.tasks)
 
     def observe_queue(self, task: str, seconds: float) -> None:
-        self._child(self.queue_duration, task).observe(seconds)
+        self.buffer.observe(self._child(self.queue_duration, task), seconds)
+
+    def buffer_on_this_thread(self) -> None:
+        """Buffer the per-request updates made on the calling thread (the event loop's), in one process
+        only: a scrape flushes its own process's buffer, so there it sees every answer so far; with
+        ``--workers N`` a scrape reads the other processes' files, which must be current too."""
+        if not self.multiprocess:
+            self.buffer.bind()
+
+    def observe_preprocess(self, seconds: float) -> None:
+        self.buffer.observe(self.preprocess_duration, seconds)
+
+    def count_request(self, task: str, status: int, seconds: float) -> None:
+        """``requests_total{task,code}`` and ``request_duration_seconds{task}`` of one answered request."""
+        self.buffer.inc(self._child(self.requests, task, str(status)))
+        self.buffer.observe(self._child(self.request_duration, task), seconds)
 
     def render(self) -> bytes:
+        self.buffer.flush()
         if not self.multiprocess:
             return generate_latest(self.registry)
         from prometheus_client.multiprocess import MultiProcessCollector

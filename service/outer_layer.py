@@ -51,7 +51,6 @@ class OuterLayer:
         self.timeout = admission.timeout_s
         self.shed = 0  # since the last log line
         self._logged = 0.0
-        self._series: dict[tuple[str, int], tuple[object, object]] = {}
         self._status_429, self._code_429 = STATUS[QueueFull]
         self._status_504, self._code_504 = STATUS[DeadlineExceeded]
         self._status_413, self._code_413 = STATUS[PayloadTooLarge]
@@ -90,17 +89,6 @@ class OuterLayer:
         if now - self._logged >= LOG_EVERY_S:
             log.warning("shedding load (%d answered 429 since the last message): %s", self.shed, reason)
             self._logged, self.shed = now, 0
-
-    def _count(self, task: str, status: int, seconds: float) -> None:
-        series = self._series.get((task, status))
-        if series is None:  # prometheus_client's labels() takes a lock and builds a key each time
-            m = self.metrics
-            series = self._series[(task, status)] = (
-                m.requests.labels(task, str(status)),
-                m.request_duration.labels(task),
-            )
-        series[0].inc()  # type: ignore[attr-defined]
-        series[1].observe(seconds)  # type: ignore[attr-defined]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -155,4 +143,4 @@ class OuterLayer:
             if admitted:
                 self.admission.inflight -= 1
             if task in self.metrics.tasks:
-                self._count(task, status, time.perf_counter() - t0)
+                self.metrics.count_request(task, status, time.perf_counter() - t0)

@@ -64,7 +64,7 @@ class Service:
         self.pool = ThreadPoolExecutor(settings.decode_workers(), thread_name_prefix="mtserve-decode")
         # one preprocessor for every version: a reload may not change the input spec
         self.preprocess = Preprocessor(
-            self.manifest.input, self.pool, settings.max_pixels, self.metrics.preprocess_duration.observe
+            self.manifest.input, self.pool, settings.max_pixels, self.metrics.observe_preprocess
         )
         self.engine_factory = engine_factory
         self.admission = Admission(settings.timeout_ms, settings.inflight_limit(), self._room, LoopLag())
@@ -119,6 +119,7 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load and warm the engine in the background (``/readyz`` 503 until then)."""
+        self.metrics.buffer_on_this_thread()
         self.admission.lag.start()
         self._starting = asyncio.get_running_loop().create_task(self._start_engine())
 
@@ -152,6 +153,7 @@ class Service:
         await self.unit.close(wait_s=self.settings.timeout_ms / 1000.0 + 1.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.admission.lag.stop()
+        self.metrics.buffer.flush()
 
     # -- per request --------------------------------------------------------------------------
     def task(self, name: str) -> TaskSpec:
