@@ -181,13 +181,14 @@ class Batcher:
         if self._stopping:
             raise NotReady("the server is shutting down")
         n = int(x.shape[0])
-        if self.queued_rows + n > self.queue_size:
-            raise queue_full(self.queued_rows, self.queue_size)
+        queued = self._queued_rows
+        if queued + n > self.queue_size:
+            raise queue_full(queued, self.queue_size)
         job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
         job.out = [None] * n
         self.queues[task].append(job)
-        self.queued_rows += n
-        if self._idle or self.queued_rows >= self.max_batch_size:  # else the loop is gathering
+        self.queued_rows = queued = queued + n
+        if self._idle or queued >= self.max_batch_size:  # else the loop is gathering
             self._wakeup.set()
         return job
 
@@ -268,7 +269,7 @@ class Batcher:
         - When the engine finishes, rows that arrived while it worked go once their oldest has
           waited ``max_wait`` (usually already true: they waited for the batch before them).
         """
-        while self.queued_rows < self.max_batch_size and not self._stopping:
+        while self._queued_rows < self.max_batch_size and not self._stopping:
             oldest = self._oldest()
             if oldest is None:
                 return
@@ -289,7 +290,7 @@ class Batcher:
             if len(self._in_flight) >= 2:  # one batch running, the next one ready behind it
                 await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            if self.queued_rows <= 0:
+            if self._queued_rows <= 0:
                 if self._stopping:
                     return
                 self._wakeup.clear()

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from contract.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from contract.errors import ClientClosed, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import PredictJSON
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -26,6 +26,24 @@ def b64decode(text: str, what: str = "image") -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(f"{what}: not valid base64") from None
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, as ``await request.body()`` returns it (and caches it for a later call), read
+    straight from ``receive``: Starlette's ``body()`` iterates an async generator, which asyncio
+    registers and finalises per request. 499 if the client leaves while sending it."""
+    if hasattr(request, "_body"):
+        return request._body
+    chunks = []
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientClosed("client disconnected while sending the body")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = request._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return body
 
 
 def media_type(request: Request) -> str:
@@ -92,11 +110,11 @@ async def read_images(request: Request, limit: int) -> tuple[list[bytes], int | 
     kind = media_type(request)
     top_k = None
     if kind.startswith(RAW_TYPES):
-        blobs = [await request.body()]
+        blobs = [await read_body(request)]
     elif kind == "multipart/form-data":
         blobs = await _multipart(request, limit)
     elif kind == "application/json" or kind.endswith("+json"):
-        texts, top_k = read_json(await request.body())
+        texts, top_k = read_json(await read_body(request))
         _check_count(len(texts), limit)
         blobs = [b64decode(t, f"images[{i}]") for i, t in enumerate(texts)]
     else:

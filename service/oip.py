@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from contract.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
 from service.api import ERRORS, svc
-from service.inputs import b64decode
+from service.inputs import b64decode, read_body
 from service.postprocess import v2_outputs
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
 from service.server_state import Service
@@ -305,7 +305,7 @@ async def infer_answer(s: Service, request: Request, task: str, model_version: s
     front of them (service/hot_path.py), which answer identically."""
     async with s.acquire(task, model_version) as model:  # the version that computes the answer
         deadline = s.deadline(request)
-        req, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        req, binary = parse_request(await read_body(request), request.headers.get(HEADER_LENGTH))
         x, blobs = read_input(s, req, binary)
         plan = requested_outputs(req)
         if x is None:

@@ -52,8 +52,9 @@ class ServedVersion:
         return self.manifest.task(name)
 
     async def __aenter__(self) -> ServedVersion:
+        if self.leases == 0:
+            self._idle.clear()
         self.leases += 1
-        self._idle.clear()
         return self
 
     async def __aexit__(self, *exc) -> None:
