@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pause-ms", type=float, default=100.0)
     ap.add_argument("--server-threads", type=int, default=1)
     ap.add_argument("--server-workers", help="mtserve serve --workers (default: the server's, auto)")
+    ap.add_argument(
+        "--steady-requests", type=int, default=400, help="requests served before each memory reading"
+    )
     ap.add_argument("--eval-per-class", type=int, default=20, help="served top-1 on N val images per class")
     return ap.parse_args(argv)
 
@@ -260,13 +263,16 @@ def measure(args: argparse.Namespace, setup: Setup, server: subprocess.Popen) ->
     client = httpx.Client(base_url=setup.url, timeout=60)
     old_tasks, inputs = setup.old_tasks, fixed_inputs(args, setup)
     before = answers(client, old_tasks, inputs.tensors, inputs.pngs)
-    steady_state(client, old_tasks, inputs.bodies)
+    steady_state(client, old_tasks, inputs.bodies, args.steady_requests, args.clients)
+    time.sleep(1.5)  # what a version's close or a heap trim frees is freed
     rss0 = tree_rss(server.pid)
     load = Load(setup.url, old_tasks, inputs.bodies, args.clients, args.pause_ms / 1000)
     tl = add_and_reload(args, setup, client, load)
     after = answers(client, old_tasks, inputs.tensors, inputs.pngs)
     served = served_correct(client, args.task, inputs.new_val)
-    steady_state(client, old_tasks, inputs.bodies)  # the same steady state (the new task was just served)
+    # the same steady state, the new task included (it was just served)
+    steady_state(client, [*old_tasks, args.task], inputs.bodies, args.steady_requests, args.clients)
+    time.sleep(1.5)
     rss1 = tree_rss(server.pid)
     checks = routes(client, args.task)
     return {

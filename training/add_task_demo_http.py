@@ -130,13 +130,29 @@ def answers(client: httpx.Client, tasks: list[str], tensors: np.ndarray, pngs: l
     return out
 
 
-def steady_state(client: httpx.Client, tasks: list[str], bodies: dict[str, bytes]) -> None:
-    """60 requests over the old tasks, then what a deployment polls (/metrics, /readyz, /tasks,
-    /admin/model), before measuring memory: the routes' lazily built state (about 1 MiB on their first
-    call) is then in both readings, as in any server scraped once, not in the growth."""
-    for i in range(60):
-        t = tasks[i % len(tasks)]
-        client.post(f"/predict/{t}", content=bodies[t], headers={"content-type": "image/png"})
+def steady_state(
+    client: httpx.Client, tasks: list[str], bodies: dict[str, bytes], n: int = 400, clients: int = 2
+) -> None:
+    """``n`` requests over ``tasks`` from ``clients`` concurrent keep-alive clients (the load's pattern),
+    then what a deployment polls (/metrics, /readyz, /tasks, /admin/model), before measuring memory:
+    the serving path's threads and caches and the routes' lazily built state (about 1 MiB on their
+    first call) are then in both readings, as in any server that has served a while and been
+    scraped, not in the growth."""
+
+    async def run() -> None:
+        sent = 0
+        async with httpx.AsyncClient(base_url=client.base_url, timeout=30) as ac:
+
+            async def one_client() -> None:
+                nonlocal sent
+                while sent < n:
+                    t = tasks[sent % len(tasks)]
+                    sent += 1
+                    await ac.post(f"/predict/{t}", content=bodies[t], headers={"content-type": "image/png"})
+
+            await asyncio.gather(*(one_client() for _ in range(clients)))
+
+    asyncio.run(run())
     for path in ("/metrics", "/readyz", "/tasks", "/admin/model"):
         client.get(path, headers=AUTH)
 
