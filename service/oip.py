@@ -118,6 +118,12 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest 
             raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} does not fit a body of {len(body)} bytes")
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if _plain(doc):  # orjson read it, and it is plain as read (a huge int would not be)
+        return InferRequest(doc), binary
+    try:  # the rest as before: the stdlib's reading (NaN, UTF-16, ints past 64 bits...), then pydantic
         doc = json.loads(body)
         return (InferRequest(doc) if _plain(doc) else V2InferRequest.model_validate(doc)), binary
     except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: [[[[... nested deep
