@@ -12,6 +12,7 @@ old one drain (its admitted requests finish) and closes its sessions.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -264,6 +265,7 @@ class Service:
             # every request admitted to the old version is answered or past its deadline by then
             await old.close(wait_s=self.settings.timeout_ms / 1000.0 + 1.0)
             self.retiring.discard(old)
+            gc.unfreeze()  # what start-up froze (the first version among it) may be garbage now
             t3 = time.perf_counter()
             log.info("reload: version %s drained and closed in %.3f s", old.version, t3 - t2)
         except Exception as exc:

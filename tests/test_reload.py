@@ -6,6 +6,7 @@ version, one reload at a time."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import re
@@ -325,6 +326,7 @@ async def test_reload_switches_the_version_everywhere(served, models):
     client, app = served
     old_engine = app.state.service.engine
     before = await predict(client)
+    assert gc.get_freeze_count() > 0  # start-up froze what it built
     r = await reload(client, "link-in")  # a symlink that stays inside the model dir is fine
     assert r.status_code == 200, r.text
     body = r.json()
@@ -332,6 +334,7 @@ async def test_reload_switches_the_version_everywhere(served, models):
     assert body["path"] == str((models / "v2").resolve())
     assert body["verify_s"] > 0 and body["warmup_s"] > 0 and body["total_s"] < 60
     assert old_engine.sessions == {}  # the old version's sessions are released once drained
+    assert gc.get_freeze_count() == 0  # what start-up froze (the old version with it) is collectable
 
     after = await predict(client)
     assert after.json()["model_version"] == "2"
