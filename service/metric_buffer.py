@@ -5,9 +5,9 @@ Python to take another for one bucket; with the request counter, the request dur
 preprocessing time and the queue wait that was four locked updates and three bucket walks per
 request on the event loop, a few percent of its time per request. :class:`MetricBuffer` appends the
 value to a list instead (the loop is one thread: no lock) and applies what gathered in bulk, one
-``inc`` per bucket touched and one for the sum, at every scrape of ``/metrics`` (so a scrape of this
-process sees everything it did) and ``interval`` seconds after the first update of a batch (so that
-the other processes of ``--workers N``, whose files a scrape reads, lag by at most that much).
+``inc`` per bucket touched and one for the sum, at every scrape of ``/metrics`` (so a scrape sees
+everything the process did) and ``interval`` seconds after the first update of a batch (so that
+nothing waits long for a scrape).
 
 Updates from another thread (a decode in the pool), and all of them until :meth:`MetricBuffer.bind` is
 called, go to prometheus-client directly (``--workers N`` does not buffer: see
