@@ -13,6 +13,13 @@
    ``/v2`` and ``/metrics``, its served top-1 on its val images; resident memory of the server
    before and after vs the new files' size.
 
+The two memory readings are taken in the same steady state: before each, the server serves the same
+traffic mix (every request kind the demo sends, multi-row ``/v2`` included: ``request_mix``; then 400
+``/predict`` from 2 clients and a scrape: ``steady_state``), on the old tasks before the add and on
+every task after it. What a request kind costs on its first use is thus paid before the first
+reading; the growth is what the add itself costs, the new task's own traffic (its first requests,
+its series, its sessions' run state) and the reload included.
+
 Imports no ``service`` module (training/ never does): it talks to the server over HTTP only.
 """
 
@@ -39,6 +46,7 @@ from training.add_task_demo_http import (
     answers,
     free_port,
     png_bytes,
+    request_mix,
     routes,
     served_correct,
     steady_state,
@@ -263,6 +271,8 @@ def measure(args: argparse.Namespace, setup: Setup, server: subprocess.Popen) ->
     client = httpx.Client(base_url=setup.url, timeout=60)
     old_tasks, inputs = setup.old_tasks, fixed_inputs(args, setup)
     before = answers(client, old_tasks, inputs.tensors, inputs.pngs)
+    # the traffic mix served after the add, on the old tasks: first-use costs paid before reading
+    request_mix(client, old_tasks, inputs.bodies, setup.size)
     steady_state(client, old_tasks, inputs.bodies, args.steady_requests, args.clients)
     time.sleep(1.5)  # what a version's close or a heap trim frees is freed
     rss0 = tree_rss(server.pid)
@@ -270,7 +280,8 @@ def measure(args: argparse.Namespace, setup: Setup, server: subprocess.Popen) ->
     tl = add_and_reload(args, setup, client, load)
     after = answers(client, old_tasks, inputs.tensors, inputs.pngs)
     served = served_correct(client, args.task, inputs.new_val)
-    # the same steady state, the new task included (it was just served)
+    # the same traffic mix and steady state, the new task included
+    request_mix(client, [*old_tasks, args.task], inputs.bodies, setup.size)
     steady_state(client, [*old_tasks, args.task], inputs.bodies, args.steady_requests, args.clients)
     time.sleep(1.5)
     rss1 = tree_rss(server.pid)

@@ -130,6 +130,24 @@ def answers(client: httpx.Client, tasks: list[str], tensors: np.ndarray, pngs: l
     return out
 
 
+def request_mix(
+    client: httpx.Client, tasks: list[str], bodies: dict[str, bytes], size: list[int], rows=(1, 3, 8)
+) -> None:
+    """Every kind of request the demo sends, on every task of ``tasks``: ``/v2`` FP32 tensors of
+    ``rows`` rows (multi-row included), ``/predict`` with and without ``top_k``. Served before each
+    memory reading, so that what their first use costs once (code paths, buffers and caches of the
+    serving path) is paid before the first reading too, not counted as the add's growth; the new
+    task's own first requests come after the add and stay counted."""
+    rng = np.random.default_rng(1)
+    for t in tasks:
+        for n in rows:
+            x = rng.standard_normal((n, *size)).astype(np.float32)
+            client.post(f"/v2/models/{t}/infer", json=v2_body(x)).raise_for_status()
+        for query in ("", "?top_k=1", "?top_k=3"):
+            r = client.post(f"/predict/{t}{query}", content=bodies[t], headers={"content-type": "image/png"})
+            r.raise_for_status()
+
+
 def steady_state(
     client: httpx.Client, tasks: list[str], bodies: dict[str, bytes], n: int = 400, clients: int = 2
 ) -> None:
