@@ -54,12 +54,23 @@ def build_engine(settings: Settings, path: Path | None = None) -> Engine:
 
 class App(FastAPI):
     """FastAPI with :class:`service.outer_layer.OuterLayer` around its whole middleware stack (error handlers,
-    routing): load shedding, deadlines, the body limit and request metrics come first, in one layer."""
+    routing): load shedding, deadlines, the body limit and request metrics come first, in one layer; and
+    the lean path (:class:`service.hot_path.HotPaths`) in front of it all, which answers plain inference
+    requests itself."""
 
     def build_middleware_stack(self):
         s = self.state.service
-        stack = HotPaths(super().build_middleware_stack(), s)  # /predict, /v2 infer: the lean path
-        return OuterLayer(stack, s.admission, s.metrics, s.settings.max_body_mb)
+        outer = OuterLayer(super().build_middleware_stack(), s.admission, s.metrics, s.settings.max_body_mb)
+        return HotPaths(outer, s)
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Starlette's ``__call__`` (the app in the scope, the stack built once), without the two frames
+        of FastAPI's and Starlette's, which every request resumes at every suspension."""
+        stack = self.middleware_stack
+        if stack is None or self.root_path:
+            return await super().__call__(scope, receive, send)
+        scope["app"] = self
+        await stack(scope, receive, send)
 
 
 def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:

@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +27,7 @@ import numpy as np
 from contract.errors import ClientClosed, DeadlineExceeded, NotReady
 from service.admission import queue_full
 from service.client_watch import Leaving
+from service.engine_thread import EngineThread
 from service.engine_types import Engine, SegmentRun
 from service.postprocess import softmax_rows
 
@@ -154,7 +154,7 @@ class Batcher:
         self.observe_queue = observe_queue
         self._queued_rows = 0
         self.on_queued: Callable[[], None] | None = None  # the engine process publishes the room
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtserve-engine")
+        self.executor = EngineThread()  # the device's one thread (also ``run_in_executor``'s)
         self._start = 0
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -224,19 +224,25 @@ class Batcher:
         if not self._abandon(job, exc) and not job.future.done():  # started: its rows are dropped
             job.future.set_exception(exc)
 
-    async def wait(self, job: Job, leaving: Leaving | None = None) -> list[np.ndarray]:
+    async def wait(self, job: Job, leaving: Leaving | None = None, timed: bool = True) -> list[np.ndarray]:
         """The job's probabilities per row. 504 when its deadline passes (if it had not started
         computing, it never is); if the client leaves (``leaving`` says so) it is skipped.
 
-        Hot path: one timer and (with ``leaving``) one probe in the client watch (service/client_watch.py);
-        the future is awaited directly (``asyncio.wait`` cost about a tenth of the event loop's time)."""
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()), self._expire, job)
+        ``timed=False``: the caller holds the deadline already (the outer layer cancels the request at
+        it, and the job is abandoned here then): no timer of its own. Hot path: at most one timer and
+        (with ``leaving``) one probe in the client watch (service/client_watch.py); the future is
+        awaited directly (``asyncio.wait`` cost about a tenth of the event loop's time)."""
+        timer = None
+        if timed:
+            timer = job.future.get_loop().call_later(
+                max(0.0, job.deadline - time.monotonic()), self._expire, job
+            )
         stop = leaving(functools.partial(self._client_left, job)) if leaving is not None else None
         try:
             return await job.future
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if stop is not None:
                 stop()
             if not job.future.done() or job.future.cancelled():  # the waiter itself was cancelled
@@ -322,19 +328,21 @@ class Batcher:
         self._launch(batch)
 
     def _launch(self, batch: Batch) -> None:
-        """Hand the batch to the executor thread; :meth:`_finish` runs on the loop when it is done (a
-        future and two callbacks per batch: no task, no ``wrap_future`` chain)."""
+        """Hand the batch to the engine thread; :meth:`_finish` runs on the loop when it is done (one
+        loop future per batch, no executor future, no task)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()  # what ``stop`` and a full pipeline wait on
         self._in_flight.add(done)
-        work = self.executor.submit(self._compute, batch)
-        work.add_done_callback(lambda w: loop.call_soon_threadsafe(self._finish, batch, w, done))
+        soon, finish = loop.call_soon_threadsafe, self._finish
+        self.executor.call(self._compute, batch, lambda result, exc: soon(finish, batch, result, exc, done))
 
-    def _finish(self, batch: Batch, work: Future, done: asyncio.Future) -> None:
+    def _finish(self, batch: Batch, result, error: BaseException | None, done: asyncio.Future) -> None:
         """On the loop: hand every job its rows (or the engine's error: it fails this batch, never the
         loop); the engine is free for a waiting batch."""
         try:
-            live, probs = work.result()
+            if error is not None:
+                raise error
+            live, probs = result
         except Exception as exc:
             log.error("batch of %d rows failed", batch.rows, exc_info=exc)
             for job, _, _ in batch.slices:

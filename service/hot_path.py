@@ -15,12 +15,17 @@ FastAPI routes stay declared, so OpenAPI documents them and they answer those ca
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from service import api, errors, oip
+from service.admission import DEADLINE
+from service.errors import send_error
+from service.outer_layer import OuterLayer, content_length
 from service.server_state import Service
 
 PREDICT = "/predict/"
@@ -61,41 +66,96 @@ def infer_target(path: str) -> tuple[str, str | None] | None:
 
 
 class HotPaths:
-    """ASGI: the inference routes answered here, everything else by ``app`` (FastAPI's stack)."""
+    """ASGI, the outermost layer: a plain inference request is answered here whole (the outer layer's
+    door: 413, 429; one deadline timer; the route's answer; the send), everything else goes to
+    ``outer`` (:class:`~service.outer_layer.OuterLayer` around FastAPI's stack), unchanged.
 
-    def __init__(self, app, service: Service):
-        self.app = app
+    Whole, because every layer a request passes costs the event loop at each of its suspensions (a
+    coroutine frame resumed per layer), and a generic layer needs more: ``asyncio.timeout`` (an object,
+    a reschedule when answering), a ``send`` wrapper to learn the status, a ``receive`` wrapper for
+    the body limit. Here the status is known, the deadline is one ``call_later`` that cancels the
+    request's task (504 then, as the outer layer answers it), and the body limit needs no wrapper
+    when ``Content-Length`` is declared (the door checked it; the server reads no more than it).
+    """
+
+    def __init__(self, outer: OuterLayer, service: Service):
+        self.outer = outer
         self.service = service
+        self.admission = outer.admission
+        self.metrics = outer.metrics
+        self.timeout = outer.timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             path = scope["path"]
             if path.startswith(PREDICT):
-                if (target := predict_target(path, scope["query_string"])) is not None:
-                    request = Request(scope, receive)
-                    answer = api.predict_answer(self.service, request, *target)
-                    return await self._answer(request, answer, send)
+                if (target := predict_target(path, scope.get("query_string", b""))) is not None:
+                    return await self._serve(scope, receive, send, api.predict_answer, target)
             elif path.startswith(V2) and (target := infer_target(path)) is not None:
-                request = Request(scope, receive)
-                answer = oip.infer_answer(self.service, request, *target)
-                return await self._answer(request, answer, send)
-        await self.app(scope, receive, send)
+                return await self._serve(scope, receive, send, oip.infer_answer, target)
+        await self.outer(scope, receive, send)
 
-    @staticmethod
-    async def _answer(request: Request, answer, send) -> None:
-        """Await the route's answer (bytes of JSON) and send it; an error is answered the way FastAPI's
-        exception layers answer it: the handler registered for its type; an unexpected one (500) is
-        answered by the catch-all handler and raised again (as Starlette's ServerErrorMiddleware does)."""
+    async def _serve(self, scope, receive, send, answer, target: tuple) -> None:
+        """The outer layer's inference branch and the route in one frame (same answers, same metrics)."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        outer = self.outer
+        status = 500
+        length = content_length(scope["headers"])
+        if (refused := outer.refusal(scope, now, length)) is not None:
+            try:
+                status = refused[0]
+                await send_error(send, *refused)
+            finally:
+                self._count(target[0], status, t0)
+            return
+        admission = self.admission
+        admission.inflight += 1
+        scope[DEADLINE] = now + self.timeout
+        me = asyncio.current_task()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            me.cancel()
+
+        timer = me.get_loop().call_later(self.timeout, expire)
+        if length is None:
+            receive = outer._limited(receive)  # a streamed body: 413 once it grows past the limit
+        request = Request(scope, receive)
         try:
-            body = await answer
-        except HTTPException as exc:
-            response = await errors.handle_http(request, exc)
-            await response(request.scope, request.receive, send)
-            return
-        except Exception as exc:
-            response = await errors.handle(request, exc)
-            await response(request.scope, request.receive, send)
-            if response.status_code == 500:
-                raise
-            return
-        await send_json(send, body)
+            try:
+                body = await answer(self.service, request, *target)
+            except asyncio.CancelledError:
+                if not expired:
+                    raise
+                me.uncancel()
+                status = outer._status_504
+                await outer.deadline_answer(send)
+                return
+            except HTTPException as exc:
+                timer.cancel()
+                response = await errors.handle_http(request, exc)
+                status = response.status_code
+                await response(scope, receive, send)
+                return
+            except Exception as exc:
+                timer.cancel()
+                response = await errors.handle(request, exc)
+                status = response.status_code
+                await response(scope, receive, send)
+                if status == 500:  # as Starlette's ServerErrorMiddleware: answered, then raised again
+                    raise
+                return
+            timer.cancel()  # answering: not interrupted any more
+            status = 200
+            await send_json(send, body)
+        finally:
+            timer.cancel()
+            admission.inflight -= 1
+            self._count(target[0], status, t0)
+
+    def _count(self, task: str, status: int, t0: float) -> None:
+        if task in self.metrics.tasks:
+            self.metrics.count_request(task, status, time.perf_counter() - t0)

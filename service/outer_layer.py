@@ -40,6 +40,14 @@ LOG_EVERY_S = 10.0  # at most one "shedding" log line per this many seconds
 RETRY_AFTER = ((b"retry-after", b"1"),)
 
 
+def content_length(headers) -> bytes | None:
+    """The declared ``Content-Length`` (the first one), None when the body is streamed (chunked)."""
+    for key, value in headers:
+        if key == b"content-length":
+            return value
+    return None
+
+
 class OuterLayer:
     """The ASGI middleware described above; ``app`` is FastAPI's own middleware stack."""
 
@@ -59,12 +67,10 @@ class OuterLayer:
     def inflight(self) -> int:
         return self.admission.inflight
 
-    def _too_large(self, headers) -> str | None:
-        for key, value in headers:
-            if key == b"content-length":
-                if not value.isdigit() or int(value) > self.max_body:
-                    return f"body of {value.decode('latin-1')} bytes is over the limit of {self.max_body}"
-                return None
+    def _too_large(self, length: bytes | None) -> str | None:
+        """Why a declared ``Content-Length`` is refused (413), or None."""
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return f"body of {length.decode('latin-1')} bytes is over the limit of {self.max_body}"
         return None
 
     def _limited(self, receive):
@@ -90,13 +96,29 @@ class OuterLayer:
             log.warning("shedding load (%d answered 429 since the last message): %s", self.shed, reason)
             self._logged, self.shed = now, 0
 
+    def refusal(self, scope, now: float, length: bytes | None) -> tuple[int, str, str, tuple] | None:
+        """(status, code, message, headers) of an inference request turned away at the door (413 for
+        its declared ``length``, 429 when shedding), else None (admit it). Shared with the lean path."""
+        if (too_large := self._too_large(length)) is not None:
+            return self._status_413, self._code_413, too_large, ()
+        reason = self.admission.shed_reason(now) if scope["method"] == "POST" else None
+        if reason is not None:
+            self._log_shed(now, reason)
+            return self._status_429, self._code_429, reason, RETRY_AFTER
+        return None
+
+    def deadline_answer(self, send):
+        """Send the 504 of a request that did not answer within the deadline."""
+        msg = f"no answer within the deadline of {self.timeout * 1e3:.0f} ms"
+        return send_error(send, self._status_504, self._code_504, msg)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         task = task_of(scope["path"])
-        too_large = self._too_large(scope["headers"])
+        length = content_length(scope["headers"])
         if task is None:
-            if too_large is not None:
+            if (too_large := self._too_large(length)) is not None:
                 return await send_error(send, self._status_413, self._code_413, too_large)
             return await self.app(scope, self._limited(receive), send)
 
@@ -105,15 +127,9 @@ class OuterLayer:
         admitted = False
         try:
             now = time.monotonic()
-            if too_large is not None:
-                status = self._status_413
-                await send_error(send, status, self._code_413, too_large)
-                return
-            reason = self.admission.shed_reason(now) if scope["method"] == "POST" else None
-            if reason is not None:
-                status = self._status_429
-                self._log_shed(now, reason)
-                await send_error(send, status, self._code_429, reason, RETRY_AFTER)
+            if (refused := self.refusal(scope, now, length)) is not None:
+                status = refused[0]
+                await send_error(send, *refused)
                 return
             # admitted: answered by its deadline, whatever it is waiting for
             self.admission.inflight += 1
@@ -137,8 +153,7 @@ class OuterLayer:
                 if answered or not timeout.expired():
                     raise
                 status = self._status_504
-                msg = f"no answer within the deadline of {self.timeout * 1e3:.0f} ms"
-                await send_error(send, status, self._code_504, msg)
+                await self.deadline_answer(send)
         finally:
             if admitted:
                 self.admission.inflight -= 1

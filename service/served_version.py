@@ -12,6 +12,7 @@ from fastapi import Request
 
 from contract.errors import DeadlineExceeded
 from contract.manifest import Manifest, TaskSpec
+from service.admission import DEADLINE
 from service.batcher import Batcher
 from service.client_watch import ClientWatch
 from service.engine_types import Engine
@@ -87,4 +88,5 @@ class ServedVersion:
         if self.closing:  # only after every deadline of requests admitted to it has passed
             raise DeadlineExceeded(f"deadline passed before the rows reached version {self.version}")
         job = self.batcher.submit(task, x, deadline)
-        return await self.batcher.wait(job, self.watch.leaving(request.receive))
+        timed = DEADLINE not in request.scope  # else the layer that stamped it answers 504 at it
+        return await self.batcher.wait(job, self.watch.leaving(request.receive), timed)
