@@ -46,10 +46,10 @@ class Job:
     started: bool = False  # a batch holding its rows began computing (set under Batcher._lock)
     abandoned: bool = False  # deadline passed or client left before it started: never computed
     out: list[np.ndarray | None] = field(default_factory=list)
+    rows: int = field(init=False)  # x.shape[0], read per batch and per delivery
 
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
+    def __post_init__(self) -> None:
+        self.rows = int(self.x.shape[0])
 
     @property
     def left(self) -> int:
@@ -84,11 +84,11 @@ def _take(queue: deque[Job], want: int, now: float, batch: Batch) -> int:
             queue.popleft()
             batch.expired.append(job)
             continue
-        n = min(job.left, want - got)
+        n = min(job.rows - job.taken, want - got)
         batch.slices.append((job, job.taken, job.taken + n))
         job.taken += n
         got += n
-        if job.left == 0:
+        if job.taken == job.rows:
             queue.popleft()
     return got
 
@@ -187,7 +187,9 @@ class Batcher:
         job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
         job.out = [None] * n
         self.queues[task].append(job)
-        self.queued_rows = queued = queued + n
+        self._queued_rows = queued = queued + n
+        if self.on_queued is not None:
+            self.on_queued()
         if self._idle or queued >= self.max_batch_size:  # else the loop is gathering
             self._wakeup.set()
         return job
@@ -288,6 +290,9 @@ class Batcher:
             else:
                 left = None  # until the engine finishes or the batch fills
             self._wakeup.clear()  # set by a full queue or by the engine finishing its batch
+            if left is None:
+                await self._wakeup.wait()
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), left)
 

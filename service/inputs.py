@@ -47,7 +47,12 @@ async def read_body(request: Request) -> bytes:
 
 
 def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    """The request's media type, lower case, without parameters ("" when none), read from the raw
+    headers (Starlette's ``request.headers`` builds an object for it)."""
+    for key, value in request.scope["headers"]:
+        if key == b"content-type":
+            return value.decode("latin-1").split(";")[0].strip().lower()
+    return ""
 
 
 def _check_count(n: int, limit: int) -> None:

@@ -90,6 +90,7 @@ class Metrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.manifest = manifest
         self._children: dict[tuple, Histogram] = {}
+        self._answered: dict[tuple[str, int], tuple] = {}  # (task, status) -> (counter, histogram) children
         self.buffer = MetricBuffer()  # per-request updates on the event loop, applied in bulk
         self._add_labels(manifest)
 
@@ -144,9 +145,13 @@ class Metrics:
         self.buffer.observe(self.preprocess_duration, seconds)
 
     def count_request(self, task: str, status: int, seconds: float) -> None:
-        """``requests_total{task,code}`` and ``request_duration_seconds{task}`` of one answered request."""
-        self.buffer.inc(self._child(self.requests, task, str(status)))
-        self.buffer.observe(self._child(self.request_duration, task), seconds)
+        """``requests_total{task,code}`` and ``request_duration_seconds{task}`` of one answered request
+        (the pair of children looked up once per (task, status))."""
+        pair = self._answered.get((task, status))
+        if pair is None:
+            pair = (self._child(self.requests, task, str(status)), self._child(self.request_duration, task))
+            self._answered[(task, status)] = pair
+        self.buffer.answered(pair[0], pair[1], seconds)
 
     def render(self) -> bytes:
         self.buffer.flush()

@@ -61,3 +61,27 @@ def test_flush_applies_at_once_and_other_threads_go_straight_through():
     for _ in range(3):
         buf.inc(c_buf.labels("b", "429"))  # no loop running: applied at once
     assert text(regs[1]) == text(regs[0])
+
+
+async def test_answered_pairs_equal_one_by_one_updates_on_the_loop_and_elsewhere():
+    regs, (h_direct, h_buf), (c_direct, c_buf) = pair()
+    buf = MetricBuffer(interval=0.01)
+    buf.bind()
+    for i, v in enumerate(VALUES):
+        code = "200" if i % 3 else "504"
+        h_direct.labels("a").observe(v)
+        c_direct.labels("a", code).inc()
+        buf.answered(c_buf.labels("a", code), h_buf.labels("a"), v)
+    assert text(regs[1]) != text(regs[0])  # held back on the loop's thread
+    buf.flush()
+    assert text(regs[1]) == text(regs[0])
+
+    def elsewhere():  # not the bound thread: straight through
+        buf.answered(c_buf.labels("a", "200"), h_buf.labels("a"), 0.2)
+
+    h_direct.labels("a").observe(0.2)
+    c_direct.labels("a", "200").inc()
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    assert text(regs[1]) == text(regs[0])
