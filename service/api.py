@@ -62,7 +62,9 @@ async def predict_answer(s: Service, request: Request, task: str, query_k: int |
     async with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
         deadline = s.deadline(request)
         blobs, json_k = await read_images(request, s.settings.max_images_per_request)
-        x = await s.preprocess(blobs)
+        pre = s.preprocess
+        if (x := pre.inline(blobs)) is None:  # one small image: decoded here, no coroutine
+            x = await pre(blobs)
         probs = await model.infer(task, x, request, deadline)
     k = query_k or json_k or s.settings.top_k
     labels = model.task(task).labels

@@ -46,13 +46,19 @@ async def read_body(request: Request) -> bytes:
     return body
 
 
-def media_type(request: Request) -> str:
-    """The request's media type, lower case, without parameters ("" when none), read from the raw
-    headers (Starlette's ``request.headers`` builds an object for it)."""
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), read from the raw ASGI headers: Starlette's
+    ``request.headers`` builds an object for it."""
     for key, value in request.scope["headers"]:
-        if key == b"content-type":
-            return value.decode("latin-1").split(";")[0].strip().lower()
-    return ""
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters ("" when none)."""
+    value = header(request, b"content-type")
+    return "" if value is None else value.split(";")[0].strip().lower()
 
 
 def _check_count(n: int, limit: int) -> None:

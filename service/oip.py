@@ -20,13 +20,14 @@ from pydantic import ValidationError
 
 from contract.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
 from service.api import ERRORS, svc
-from service.inputs import b64decode, read_body
+from service.inputs import b64decode, header, read_body
 from service.postprocess import v2_outputs
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
 from service.server_state import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
 JSON = "application/json"
 INPUTS = {"input": "FP32", "image": "BYTES"}  # the model metadata's inputs: name -> datatype
 
@@ -311,10 +312,10 @@ async def infer_answer(s: Service, request: Request, task: str, model_version: s
     front of them (service/hot_path.py), which answer identically."""
     async with s.acquire(task, model_version) as model:  # the version that computes the answer
         deadline = s.deadline(request)
-        req, binary = parse_request(await read_body(request), request.headers.get(HEADER_LENGTH))
+        req, binary = parse_request(await read_body(request), header(request, HEADER_LENGTH_KEY))
         x, blobs = read_input(s, req, binary)
         plan = requested_outputs(req)
-        if x is None:
+        if x is None and (x := s.preprocess.inline(blobs)) is None:
             x = await s.preprocess(blobs)
         probs = await model.infer(task, x, request, deadline)
     outputs = v2_outputs(plan, probs, model.task(task).labels)

@@ -162,15 +162,23 @@ class Preprocessor:
         if self.observe is not None:
             self.observe(time.perf_counter() - t0)
 
-    async def __call__(self, blobs: Sequence[bytes]) -> np.ndarray:
-        """Encoded images -> float32 [N, 3, H, W] (one small image on the event loop, else the pool)."""
-        import asyncio
-
+    def inline(self, blobs: Sequence[bytes]) -> np.ndarray | None:
+        """One small image decoded on the calling thread (the event loop's): float32 [1, 3, H, W]; None
+        when the request is for the pool (several images, a large body, many pixels). No coroutine:
+        the lean path calls it first, and awaits :meth:`__call__` only for the pool's share."""
         if len(blobs) == 1 and len(blobs[0]) <= LOOP_MAX_BYTES:
             try:
                 return self._one(blobs[0], LOOP_MAX_PIXELS)[None]
             except Offload:
-                pass
+                return None
+        return None
+
+    async def __call__(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """Encoded images -> float32 [N, 3, H, W] (one small image on the event loop, else the pool)."""
+        import asyncio
+
+        if (x := self.inline(blobs)) is not None:
+            return x
         loop = asyncio.get_running_loop()
         arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, self._one, b) for b in blobs))
         return np.stack(arrays)
