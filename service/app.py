@@ -64,12 +64,15 @@ class App(FastAPI):
         return HotPaths(outer, s)
 
     async def __call__(self, scope, receive, send) -> None:
-        """Starlette's ``__call__`` (the app in the scope, the stack built once), without the two frames
-        of FastAPI's and Starlette's, which every request resumes at every suspension."""
+        """Starlette's ``__call__`` (the app in the scope, the stack built once), without the frames of
+        FastAPI's, Starlette's and the lean path's ``__call__``, which every request would resume at
+        every suspension: a plain inference request goes straight to :meth:`HotPaths.serve`."""
         stack = self.middleware_stack
         if stack is None or self.root_path:
             return await super().__call__(scope, receive, send)
         scope["app"] = self
+        if (route := stack.route(scope)) is not None:
+            return await stack.serve(scope, receive, send, *route)
         await stack(scope, receive, send)
 
 

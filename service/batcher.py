@@ -34,22 +34,35 @@ from service.postprocess import softmax_rows
 log = logging.getLogger("mtserve.batcher")
 
 
-@dataclass(eq=False)
 class Job:
-    task: str
-    x: np.ndarray  # [n, C, H, W] float32, preprocessed
-    future: asyncio.Future
-    deadline: float  # time.monotonic()
-    enqueued: float = field(default_factory=time.monotonic)
-    taken: int = 0  # rows handed to batches so far
-    done: int = 0  # rows computed so far
-    started: bool = False  # a batch holding its rows began computing (set under Batcher._lock)
-    abandoned: bool = False  # deadline passed or client left before it started: never computed
-    out: list[np.ndarray | None] = field(default_factory=list)
-    rows: int = field(init=False)  # x.shape[0], read per batch and per delivery
+    """One request's rows in the queue (a plain class with slots: one is built per request)."""
 
-    def __post_init__(self) -> None:
-        self.rows = int(self.x.shape[0])
+    __slots__ = (
+        "abandoned",
+        "deadline",
+        "done",
+        "enqueued",
+        "future",
+        "out",
+        "rows",
+        "started",
+        "taken",
+        "task",
+        "x",
+    )
+
+    def __init__(self, task: str, x: np.ndarray, future: asyncio.Future, deadline: float):
+        self.task = task
+        self.x = x  # [n, C, H, W] float32, preprocessed
+        self.future = future
+        self.deadline = deadline  # time.monotonic()
+        self.enqueued = time.monotonic()
+        self.rows = rows = int(x.shape[0])
+        self.taken = 0  # rows handed to batches so far
+        self.done = 0  # rows computed so far
+        self.started = False  # a batch holding its rows began computing (set under Batcher._lock)
+        self.abandoned = False  # deadline passed or client left before it started: never computed
+        self.out: list[np.ndarray | None] = [None] * rows
 
     @property
     def left(self) -> int:
@@ -185,7 +198,6 @@ class Batcher:
         if queued + n > self.queue_size:
             raise queue_full(queued, self.queue_size)
         job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
-        job.out = [None] * n
         self.queues[task].append(job)
         self._queued_rows = queued = queued + n
         if self.on_queued is not None:

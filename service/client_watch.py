@@ -18,6 +18,7 @@ is called once if the client leaves before ``stop()``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -30,15 +31,21 @@ Leaving = Callable[[Callable[[], None]], Stop]  # start(on_gone) -> stop
 INTERVAL_S = 0.01
 
 
-def uvicorn_probe(receive: Any) -> Callable[[], bool] | None:
+def uvicorn_cycle(receive: Any) -> Any | None:
     """``receive`` unwrapped (through ``.inner``, which the outer layer's wrapper sets): if it is a
-    method of uvicorn's ``RequestResponseCycle``, a probe of its ``disconnected`` flag, else None."""
+    method of uvicorn's ``RequestResponseCycle``, that cycle (its ``disconnected`` flag), else None."""
     while (inner := getattr(receive, "inner", None)) is not None:
         receive = inner
     cycle = getattr(receive, "__self__", None)
     if cycle is None or type(getattr(cycle, "disconnected", None)) is not bool:
         return None
-    return lambda: cycle.disconnected
+    return cycle
+
+
+def uvicorn_probe(receive: Any) -> Callable[[], bool] | None:
+    """A probe of the ``disconnected`` flag of uvicorn's cycle behind ``receive``, else None."""
+    cycle = uvicorn_cycle(receive)
+    return None if cycle is None else lambda: cycle.disconnected
 
 
 def awaiting(disconnected: Awaitable) -> Leaving:
@@ -71,7 +78,7 @@ class ClientWatch:
 
     def __init__(self, interval: float = INTERVAL_S):
         self.interval = interval
-        self._probes: dict[int, tuple[Callable[[], bool], Callable[[], None]]] = {}
+        self._probes: dict[int, tuple[Any, Callable[[], None]]] = {}  # key -> (cycle, on_gone)
         self._ids = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,22 +88,23 @@ class ClientWatch:
 
     def leaving(self, receive: Any) -> Leaving:
         """The leaving of the request whose ASGI ``receive`` this is."""
-        probe = uvicorn_probe(receive)
-        if probe is None:
+        cycle = uvicorn_cycle(receive)
+        if cycle is None:
             return awaiting(receive_disconnect(receive))
-        return lambda on_gone: self.add(probe, on_gone)
+        return functools.partial(self.add, cycle)
 
-    def add(self, probe: Callable[[], bool], on_gone: Callable[[], None]) -> Stop:
+    def add(self, cycle: Any, on_gone: Callable[[], None]) -> Stop:
+        """Watch ``cycle.disconnected``: ``on_gone()`` once it is set, unless the returned stop ran."""
         key = next(self._ids)
-        self._probes[key] = (probe, on_gone)
+        self._probes[key] = (cycle, on_gone)
         loop = asyncio.get_running_loop()
         if self._handle is None or self._loop is not loop:
             self._loop = loop
             self._handle = loop.call_later(self.interval, self._sweep)
-        return lambda: self._probes.pop(key, None)  # type: ignore[func-returns-value]
+        return functools.partial(self._probes.pop, key, None)
 
     def _sweep(self) -> None:
-        gone = [key for key, (probe, _) in self._probes.items() if probe()]
+        gone = [key for key, (cycle, _) in self._probes.items() if cycle.disconnected]
         for key in gone:
             _, on_gone = self._probes.pop(key)
             try:

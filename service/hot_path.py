@@ -85,17 +85,24 @@ class HotPaths:
         self.metrics = outer.metrics
         self.timeout = outer.timeout
 
-    async def __call__(self, scope, receive, send) -> None:
+    @staticmethod
+    def route(scope) -> tuple | None:
+        """(answer function, its arguments) of a plain inference request, else None (FastAPI's)."""
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             path = scope["path"]
             if path.startswith(PREDICT):
                 if (target := predict_target(path, scope.get("query_string", b""))) is not None:
-                    return await self._serve(scope, receive, send, api.predict_answer, target)
+                    return api.predict_answer, target
             elif path.startswith(V2) and (target := infer_target(path)) is not None:
-                return await self._serve(scope, receive, send, oip.infer_answer, target)
+                return oip.infer_answer, target
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (route := self.route(scope)) is not None:
+            return await self.serve(scope, receive, send, *route)
         await self.outer(scope, receive, send)
 
-    async def _serve(self, scope, receive, send, answer, target: tuple) -> None:
+    async def serve(self, scope, receive, send, answer, target: tuple) -> None:
         """The outer layer's inference branch and the route in one frame (same answers, same metrics)."""
         t0 = time.perf_counter()
         now = time.monotonic()
