@@ -15,7 +15,8 @@ Two things made a reload grow the process by more than the files it loads (resul
   thread, the new version's executor thread), so the first reload of a server grew it by 2.1-2.3 MiB
   of new arenas whatever it loaded. :func:`limit_arenas` caps the process at 2 arenas (the main
   thread's and one that every other thread shares, ``mallopt(M_ARENA_MAX)``): new threads reuse the
-  free space of the old ones.
+  free space of the old ones. A reload now starts one thread only, the new version's executor: the
+  bundle is verified in this module's thread (:meth:`HeapTrimmer.submit`), which exists anyway.
 
 glibc only (elsewhere both are no-ops). ``MTSERVE_TRIM_HEAP=0`` turns the trim off and
 ``MTSERVE_MALLOC_ARENAS=0`` leaves the arenas to glibc (``=N``: at most N); a ``MALLOC_ARENA_MAX``
@@ -74,7 +75,12 @@ def limit_arenas() -> int | None:
 
 
 class HeapTrimmer:
-    """``request()`` from any thread: one ``malloc_trim(0)`` soon, in the ``mtserve-heap-trim`` thread."""
+    """``request()`` from any thread: one ``malloc_trim(0)`` soon, in the ``mtserve-heap-trim`` thread.
+
+    That thread is also the process's one thread for other work off the serving path (``submit``: a
+    reload's bundle verification), so that a reload starts no thread of its own: every thread that
+    ends leaves its stack in glibc's cache, partly resident (16-24 KiB), and one that stays idle
+    (the event loop's default executor) keeps its stack and its malloc cache (results/add-task)."""
 
     def __init__(self, trim=None) -> None:
         self._trim = trim if trim is not None else _libc_function("malloc_trim", [ctypes.c_size_t])
@@ -85,6 +91,16 @@ class HeapTrimmer:
         self.released_bytes = 0  # RSS given back, all trims together
         self.last: dict | None = None
 
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._executor is None:  # under self._lock
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mtserve-heap-trim")
+        return self._executor
+
+    def submit(self, fn, /, *args) -> Future:
+        """Run ``fn(*args)`` in the trimmer's thread (after what is queued there), trimming or not."""
+        with self._lock:
+            return self._thread().submit(fn, *args)
+
     def request(self, why: str) -> Future | None:
         """Ask for a trim (after ``why``); None when trimming is off or unsupported. A request while
         one waits joins it; one while a trim runs queues the next (it may find more to free)."""
@@ -93,9 +109,7 @@ class HeapTrimmer:
         with self._lock:
             if self._waiting is not None:
                 return self._waiting
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="mtserve-heap-trim")
-            self._waiting = fut = self._executor.submit(self._run, why)
+            self._waiting = fut = self._thread().submit(self._run, why)
             return fut
 
     def _run(self, why: str) -> dict:

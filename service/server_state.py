@@ -12,10 +12,8 @@ old one drain (its admitted requests finish) and closes its sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +33,7 @@ from contract.manifest import Manifest, TaskSpec
 from service.admission import Admission
 from service.batcher import Batcher
 from service.engine_types import Engine
+from service.heap import default_trimmer
 from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
@@ -45,33 +44,6 @@ from service.settings import Settings
 log = logging.getLogger("mtserve")
 
 EngineFactory = Callable[[Path], Engine]
-
-
-async def in_own_thread(fn: Callable, *args):
-    """``fn(*args)`` in a thread started for it, which ends with it. Not ``asyncio.to_thread``: that
-    starts the loop's default executor, whose idle thread would stay for the rest of the process
-    (about 30 KiB resident: its stack and its malloc cache, results/add-task), for one call per reload."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def settle(result, error) -> None:
-        if done.cancelled():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:  # handed to the awaiting coroutine
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="mtserve-reload-verify", daemon=True).start()
-    return await done
 
 
 class Service:
@@ -267,7 +239,9 @@ class Service:
         old = self.unit
         log.info("reload: loading %s (serving %s %s)", target, old.manifest.name, old.version)
         try:
-            engine = await in_own_thread(self._build, target)  # manifest, sha256, shapes
+            # manifest, sha256, shapes; in the process's background thread (service/heap.py): a reload
+            # starts no thread of its own but the new version's engine thread
+            engine = await asyncio.wrap_future(default_trimmer().submit(self._build, target))
             where = str(target / "manifest.json")
             check_compatible(old.manifest, engine.manifest, where, allow_remove=allow_remove)
             t1 = time.perf_counter()
