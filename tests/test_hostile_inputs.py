@@ -68,6 +68,7 @@ async def client(tiny_bundle) -> AsyncIterator[httpx.AsyncClient]:
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
                 c.tasks = frozenset(app.state.service.manifest.tasks)
+                c.app = app
                 yield c
     finally:
         Image.MAX_IMAGE_PIXELS = pixels
@@ -745,6 +746,41 @@ async def test_hostile_request_is_refused_cleanly(client, case: Case):
     assert r.status_code == case.status, r.text[:300]
     check_error(r)
     await assert_healthy(client)
+
+
+def fastapi_only(app):
+    """The app without its lean path: every request through the outer layer and FastAPI's routes."""
+    if app.middleware_stack is None:  # as Starlette builds it at the first call
+        app.middleware_stack = app.build_middleware_stack()
+    outer = app.middleware_stack.outer
+
+    async def asgi(scope, receive, send):
+        scope["app"] = app
+        await outer(scope, receive, send)
+
+    return asgi
+
+
+LEAN_CASES = [c for c in CASES if c.method == "POST" and c.path.startswith(("/predict/", "/v2/models/"))]
+LEAN_CASES += [Case(f"odd-{name}", P, raw(*ODD[name]), 200) for name in ODD] + [
+    Case("good-png-top3", P + "?top_k=3", raw(png(32, 32, 7)), 200),
+    Case("good-json", P, as_json({"images": [b64(png(20, 20, 1)), b64(jpeg())], "top_k": 2}), 200),
+    Case("v2-good", V2, as_json({"id": "r1", "inputs": [good_tensor()]}), 200),
+]
+
+
+@in_module_loop
+@pytest.mark.parametrize("case", LEAN_CASES, ids=_ids(LEAN_CASES))
+async def test_the_lean_path_answers_byte_for_byte_as_the_fastapi_routes(client, case: Case):
+    """Every hostile and odd request (and good ones) gets the same status, headers and body from the
+    lean path (service/hot_path.py, in front of everything) as from the FastAPI routes behind the
+    outer layer, which run the same answer code: what the lean path skips changes no answer."""
+    transport = httpx.ASGITransport(app=fastapi_only(client.app), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as plain:
+        lean = await client.request(case.method, case.path, **case.build())
+        routed = await plain.request(case.method, case.path, **case.build())  # a stream is read once
+    assert (lean.status_code, lean.content) == (routed.status_code, routed.content), case.id
+    assert sorted(lean.headers.items()) == sorted(routed.headers.items()), case.id
 
 
 @in_module_loop
