@@ -335,3 +335,32 @@ async def test_app_sheds_before_routing_and_answers_a_computing_request_504():
         text = app.state.service.metrics.render().decode()
         assert 'mtserve_requests_total{code="429",task="digits"} 1.0' in text
         assert 'mtserve_requests_total{code="504",task="digits"} 1.0' in text
+
+
+async def test_lean_path_answers_a_queued_request_504_at_its_deadline_and_never_computes_it():
+    """Behind a blocked batch, a queued /v2 request answers 504 at its deadline (the lean path's one
+    timer cancels it; the batcher holds no timer of its own) and its rows are never computed; the
+    request's task is left uncancelled (a later request on the same app answers 200)."""
+    engine = FakeEngine()
+    app = create_app(Settings(bundle="unused", timeout_ms=300, max_wait_ms=0), engine=engine)
+    async with app.router.lifespan_context(app):
+        await app.state.service.wait_ready()
+        engine.gate.clear()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            x = {"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 3072}
+            body = {"inputs": [x]}
+            first = asyncio.ensure_future(client.post("/v2/models/digits/infer", json=body))
+            while not app.state.service.batcher._in_flight:
+                await asyncio.sleep(0.005)
+            t0 = time.perf_counter()
+            queued = await client.post("/v2/models/animals/infer", json=body)
+            took = time.perf_counter() - t0
+            engine.gate.set()
+            await first
+            after = await client.post("/v2/models/animals/infer", json=body)
+    assert queued.status_code == 504 and queued.json()["error"]["code"] == "deadline_exceeded", queued.text
+    assert 0.2 < took < 1.0, took
+    assert after.status_code == 200, after.text
+    computed = [t for call in engine.calls for t in call]
+    assert computed.count("animals") == 1, engine.calls  # the later request only, never the expired one
