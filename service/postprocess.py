@@ -57,7 +57,8 @@ def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict]:
 def v2_outputs(plan: list[int | None], probs: list[np.ndarray], labels: list[str]) -> list[dict]:
     """The ``/v2`` outputs: per requested output, the FP32 ``probabilities`` tensor (``None``) or
     Triton's ``classification`` extension with ``k`` entries ``"score:index:label"`` per row."""
-    p = np.stack(probs).astype(np.float32)
+    p = probs[0][None] if len(probs) == 1 else np.stack(probs)  # np.stack costs ~3 us per call
+    p = p.astype(np.float32, copy=False)
     out = []
     for k in plan:
         if k is None:
