@@ -141,18 +141,13 @@ class HotPaths:
                 status = outer._status_504
                 await outer.deadline_answer(send)
                 return
-            except HTTPException as exc:
+            except Exception as exc:  # answered by FastAPI's handler for its type (service/errors.py)
                 timer.cancel()
-                response = await errors.handle_http(request, exc)
+                http = isinstance(exc, HTTPException)
+                response = await (errors.handle_http if http else errors.handle)(request, exc)
                 status = response.status_code
                 await response(scope, receive, send)
-                return
-            except Exception as exc:
-                timer.cancel()
-                response = await errors.handle(request, exc)
-                status = response.status_code
-                await response(scope, receive, send)
-                if status == 500:  # as Starlette's ServerErrorMiddleware: answered, then raised again
+                if status == 500 and not http:  # as Starlette's ServerErrorMiddleware: answered, raised
                     raise
                 return
             timer.cancel()  # answering: not interrupted any more
