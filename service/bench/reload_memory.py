@@ -111,6 +111,24 @@ def processes(pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
+def kinds(procs: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """MiB of every process together by kind (``/proc/PID/status``): anonymous (the heaps, thread
+    stacks, Python's arenas: memory the process allocated), file-backed (code and data of the
+    libraries and files it maps, pages first touched count too: shared with every process mapping
+    them) and shared memory (the status block, the metrics files of ``--workers``)."""
+    out = {"anon": 0.0, "file": 0.0, "shmem": 0.0}
+    for p in procs:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            key = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}.get(line.split(":")[0] + ":")
+            if key:
+                out[key] += int(line.split()[1]) / 1024
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def by_role(procs: dict[int, tuple[str, int]]) -> dict[str, float]:
     """MiB per role (API processes summed) and in all."""
     out: dict[str, float] = {}
@@ -176,7 +194,8 @@ def rounds(port: int, pid: int, bundle: Path, args: argparse.Namespace) -> list[
         codes = asyncio.run(serve_round(port, requests, args.requests, args.clients))
         scrape(port)
         time.sleep(args.settle)
-        out.append({"codes": codes, "rss_mib": by_role(processes(pid))})
+        procs = processes(pid)
+        out.append({"codes": codes, "rss_mib": by_role(procs), "rss_kinds_mib": kinds(procs)})
     return out
 
 
@@ -203,6 +222,10 @@ def one_run(models: Path, workers: int, variant: str, which: str, args: argparse
         "before": before,
         "after": after,
         "growth_mib": {k: round(v - last0.get(k, 0), 2) for k, v in last1.items()},
+        "growth_kinds_mib": {
+            k: round(v - before[-1]["rss_kinds_mib"].get(k, 0), 2)
+            for k, v in after[-1]["rss_kinds_mib"].items()
+        },
         "drift_mib": {k: round(v - prev.get(k, 0), 2) for k, v in last0.items()},
     }
 
@@ -215,6 +238,16 @@ def _spread(values: list[float], fmt: str = "+.2f") -> str:
     return f"{mid:{fmt}} ({min(values):{fmt}} .. {max(values):{fmt}})"
 
 
+def _kinds(runs: list[dict]) -> str:
+    """Medians of the growth by kind (runs measured before the kinds were recorded: -)."""
+    if not all("growth_kinds_mib" in r for r in runs):
+        return "-"
+    return " / ".join(
+        f"{float(np.median([r['growth_kinds_mib'][k] for r in runs])):+.2f}"
+        for k in ("anon", "file", "shmem")
+    )
+
+
 def table(result: dict) -> str:
     """One row per (layout, heap handling, reload): medians over the repetitions, their range."""
     new = result["new_files_bytes"] / MIB
@@ -223,8 +256,8 @@ def table(result: dict) -> str:
         groups.setdefault((r["workers"], r["heap"], r["reload"]), []).append(r)
     lines = [
         "| --workers | heap | reload | runs | RSS before: all (engine) | growth: all | engine | API | "
-        "drift before | all / new files |",
-        "| --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+        "drift before | all: anon / file / shmem | all / new files |",
+        "| --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (workers, heap, which), runs in groups.items():
         role = "engine" if "engine" in runs[0]["growth_mib"] else "server"
@@ -237,12 +270,14 @@ def table(result: dict) -> str:
             f"| {workers} | {heap} | {which} | {len(runs)} | {np.median([b['all'] for b in before]):.1f} "
             f"({np.median([b[role] for b in before]):.1f}) | {_spread(col('growth_mib'))} | "
             f"{_spread(col('growth_mib', role))} | {_spread(col('growth_mib', 'api'))} | "
-            f"{_spread(col('drift_mib'))} | {_spread([g / new for g in col('growth_mib')], '.1f')}x |"
+            f"{_spread(col('drift_mib'))} | {_kinds(runs)} | "
+            f"{_spread([g / new for g in col('growth_mib')], '.1f')}x |"
         )
     return "\n".join(lines) + (
         f"\n\nnew files: {new:.2f} MiB. RSS in MiB after the last round before / after the reload; medians "
         "over the runs (range); engine: the engine process (--workers 0: the one process); API: the API "
-        "processes; all: every process of the server"
+        "processes; all: every process of the server; anon / file / shmem: the growth of all by kind of "
+        "page (RssAnon, RssFile, RssShmem), medians"
     )
 
 
