@@ -60,7 +60,7 @@ PREDICT_BODY = {
 async def predict_answer(s: Service, request: Request, task: str, query_k: int | None) -> bytes:
     """The ``/predict/{task}`` answer as JSON bytes (orjson): for the FastAPI route below and for the
     lean path in front of it (service/hot_path.py), which answer identically."""
-    async with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
+    with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
         deadline = request.scope.get(DEADLINE) or s.deadline(request)
         blobs, json_k = await read_images(request, s.settings.max_images_per_request)
         pre = s.preprocess

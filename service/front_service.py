@@ -52,14 +52,21 @@ class RemoteVersion:
     def task(self, name: str) -> TaskSpec:
         return self.manifest.task(name)
 
-    async def __aenter__(self) -> RemoteVersion:
+    def __enter__(self) -> RemoteVersion:
+        """A lease (``with``, no coroutine: one per request)."""
         self.leases += 1
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    def __exit__(self, *exc) -> None:
         self.leases -= 1
         if self.leases == 0 and self is not self.front.unit:
             self.front.report_generation()
+
+    async def __aenter__(self) -> RemoteVersion:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc) -> None:
+        self.__exit__()
 
     async def infer(self, task: str, x: np.ndarray, request: Request, deadline: float) -> list[np.ndarray]:
         """Send the rows to the engine; await their probabilities (504, 429, 499 and 503 as there).

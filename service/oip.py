@@ -310,7 +310,7 @@ async def infer(request: Request, task: str, model_version: str | None = None) -
 async def infer_answer(s: Service, request: Request, task: str, model_version: str | None) -> bytes:
     """The infer answer as JSON bytes (orjson): for the FastAPI routes above and for the lean path in
     front of them (service/hot_path.py), which answer identically."""
-    async with s.acquire(task, model_version) as model:  # the version that computes the answer
+    with s.acquire(task, model_version) as model:  # the version that computes the answer
         deadline = s.deadline(request)
         req, binary = parse_request(await read_body(request), header(request, HEADER_LENGTH_KEY))
         x, blobs = read_input(s, req, binary)

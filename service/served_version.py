@@ -52,16 +52,24 @@ class ServedVersion:
     def task(self, name: str) -> TaskSpec:
         return self.manifest.task(name)
 
-    async def __aenter__(self) -> ServedVersion:
+    def __enter__(self) -> ServedVersion:
+        """A lease: the version serves the request until it is answered (``with``, no coroutine: the
+        routes take one per request)."""
         if self.leases == 0:
             self._idle.clear()
         self.leases += 1
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    def __exit__(self, *exc) -> None:
         self.leases -= 1
         if self.leases == 0:
             self._idle.set()
+
+    async def __aenter__(self) -> ServedVersion:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc) -> None:
+        self.__exit__()
 
     async def start(self) -> None:
         """Start the batcher loop; create and warm up the sessions in the unit's executor thread."""

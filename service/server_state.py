@@ -2,7 +2,7 @@
 
 A loaded bundle version is a :class:`ServedVersion`: its engine and its own batcher (queue + executor
 thread). The service serves one *current* unit. A request resolves the current unit when it is
-admitted (``async with service.acquire(task) as model``) and keeps it until its answer is built,
+admitted (``with service.acquire(task) as model``) and keeps it until its answer is built,
 so a request admitted before a reload finishes on the old version and one admitted after it runs
 on the new one. :meth:`Service.reload` loads, verifies and warms the new version off the event
 loop while the old one keeps serving, swaps them (one assignment on the event loop), then lets the
