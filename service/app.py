@@ -64,11 +64,12 @@ class App(FastAPI):
         return HotPaths(outer, s)
 
     async def __call__(self, scope, receive, send) -> None:
-        """Starlette's ``__call__`` (the app in the scope, the stack built once), without the frames of
-        FastAPI's, Starlette's and the lean path's ``__call__``, which every request would resume at
-        every suspension: a plain inference request goes straight to :meth:`HotPaths.serve`."""
+        """Starlette's ``__call__`` for HTTP (the app in the scope, the stack built once; FastAPI's own
+        adds only its telemetry, turned off in :func:`create_app`), without the frames of FastAPI's,
+        Starlette's and the lean path's ``__call__``, which every request would resume at every
+        suspension: a plain inference request goes straight to :meth:`HotPaths.serve`."""
         stack = self.middleware_stack
-        if stack is None or self.root_path:
+        if stack is None or self.root_path or scope["type"] != "http":  # lifespan, websocket: FastAPI's
             return await super().__call__(scope, receive, send)
         scope["app"] = self
         if (route := stack.route(scope)) is not None:
