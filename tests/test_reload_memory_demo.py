@@ -61,11 +61,16 @@ def test_both_memory_readings_follow_the_same_traffic_mix(monkeypatch, tmp_path)
     setup = demo.Setup(
         tmp_path, tmp_path, {"tasks": {"x": {}}, "input": {"size": [3, 8, 8]}}, "http://t", Path("l")
     )
-    args = argparse.Namespace(task="new", steady_requests=4, clients=1, pause_ms=1.0, bundle="b", nice=0)
-    demo.measure(args, setup, SimpleNamespace(pid=1))
+    args = argparse.Namespace(
+        task="new", steady_requests=4, clients=1, pause_ms=1.0, bundle="b", nice=0, rounds=2
+    )
+    result = demo.measure(args, setup, SimpleNamespace(pid=1))
     names = [c[0] for c in calls]
-    first, second = names.index("rss"), len(names) - 1 - names[::-1].index("rss")
-    assert names[:first] == ["answers", "mix", "steady"] and calls[1] == ("mix", ["x"])
-    assert names[first + 1] == "add"
-    assert names[second - 2 : second] == ["mix", "steady"]
-    assert calls[second - 2] == ("mix", ["x", "new"]) and calls[second - 1] == ("steady", ["x", "new"])
+    add = names.index("add")
+    # before the add: the answers, then 2 rounds of the mix on the old tasks, each read
+    assert names[:add] == ["answers", "mix", "steady", "rss", "mix", "steady", "rss"]
+    assert all(c[1] == ["x"] for c in calls[:add] if c[0] in ("mix", "steady"))
+    # after it: the answers, the new task's top-1, then the same 2 rounds, the new task included
+    assert names[add + 1 :] == ["answers", "served", "mix", "steady", "rss", "mix", "steady", "rss"]
+    assert all(c[1] == ["x", "new"] for c in calls[add:] if c[0] in ("mix", "steady"))
+    assert result["rss_rounds_before_bytes"] == [100, 100] == result["rss_rounds_after_bytes"]

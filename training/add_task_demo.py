@@ -13,12 +13,13 @@
    ``/v2`` and ``/metrics``, its served top-1 on its val images; resident memory of the server
    before and after vs the new files' size.
 
-The two memory readings are taken in the same steady state: before each, the server serves the same
-traffic mix (every request kind the demo sends, multi-row ``/v2`` included: ``request_mix``; then 400
-``/predict`` from 2 clients and a scrape: ``steady_state``), on the old tasks before the add and on
-every task after it. What a request kind costs on its first use is thus paid before the first
-reading; the growth is what the add itself costs, the new task's own traffic (its first requests,
-its series, its sessions' run state) and the reload included.
+The two memory readings are taken in the same steady state: before each, the server serves
+``--rounds`` rounds (3) of the same traffic mix (every request kind the demo sends, multi-row ``/v2``
+included: ``request_mix``; then 400 ``/predict`` from 2 clients and a scrape: ``steady_state``), on
+the old tasks before the add and on every task after it, and the RSS is read after each round. What
+a request kind costs on its first uses is thus paid before the first reading; the growth is what
+the add itself costs, the new task's own traffic (its first requests, its series, its sessions' run
+state) and the reload (the server's first) included.
 
 Imports no ``service`` module (training/ never does): it talks to the server over HTTP only.
 """
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--server-workers", help="mtserve serve --workers (default: the server's, auto)")
     ap.add_argument(
         "--steady-requests", type=int, default=400, help="requests served before each memory reading"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the traffic mix before each memory reading (3)"
     )
     ap.add_argument("--eval-per-class", type=int, default=20, help="served top-1 on N val images per class")
     return ap.parse_args(argv)
@@ -265,6 +269,27 @@ def file_and_memory_stats(setup: Setup, rss0: dict[int, int], rss1: dict[int, in
     }
 
 
+def mix_rounds(
+    args: argparse.Namespace,
+    client: httpx.Client,
+    tasks: list[str],
+    inputs: Inputs,
+    setup: Setup,
+    server: subprocess.Popen,
+) -> list[dict[int, int]]:
+    """``--rounds`` rounds of the traffic mix (every request kind, then the steady load and a scrape),
+    the server's RSS by process read after each: the last is the reading, the rounds before it show
+    whether serving alone still moves it (a multi-row request's transient objects take fresh memory
+    on its first uses, until the process's allocators hold its high-water mark)."""
+    out = []
+    for _ in range(args.rounds):
+        request_mix(client, tasks, inputs.bodies, setup.size)
+        steady_state(client, tasks, inputs.bodies, args.steady_requests, args.clients)
+        time.sleep(1.5)  # what a version's close or a heap trim frees is freed
+        out.append(tree_rss(server.pid))
+    return out
+
+
 def measure(args: argparse.Namespace, setup: Setup, server: subprocess.Popen) -> dict[str, Any]:
     """The demo against the running server: answers before, add + reload under load, checks after."""
     wait_ready(server, setup)
@@ -272,19 +297,15 @@ def measure(args: argparse.Namespace, setup: Setup, server: subprocess.Popen) ->
     old_tasks, inputs = setup.old_tasks, fixed_inputs(args, setup)
     before = answers(client, old_tasks, inputs.tensors, inputs.pngs)
     # the traffic mix served after the add, on the old tasks: first-use costs paid before reading
-    request_mix(client, old_tasks, inputs.bodies, setup.size)
-    steady_state(client, old_tasks, inputs.bodies, args.steady_requests, args.clients)
-    time.sleep(1.5)  # what a version's close or a heap trim frees is freed
-    rss0 = tree_rss(server.pid)
+    rounds0 = mix_rounds(args, client, old_tasks, inputs, setup, server)
+    rss0 = rounds0[-1]
     load = Load(setup.url, old_tasks, inputs.bodies, args.clients, args.pause_ms / 1000)
     tl = add_and_reload(args, setup, client, load)
     after = answers(client, old_tasks, inputs.tensors, inputs.pngs)
     served = served_correct(client, args.task, inputs.new_val)
-    # the same traffic mix and steady state, the new task included
-    request_mix(client, [*old_tasks, args.task], inputs.bodies, setup.size)
-    steady_state(client, [*old_tasks, args.task], inputs.bodies, args.steady_requests, args.clients)
-    time.sleep(1.5)
-    rss1 = tree_rss(server.pid)
+    # the same rounds of the traffic mix, the new task included
+    rounds1 = mix_rounds(args, client, [*old_tasks, args.task], inputs, setup, server)
+    rss1 = rounds1[-1]
     checks = routes(client, args.task)
     return {
         "bundle": str(args.bundle),
@@ -303,6 +324,8 @@ def measure(args: argparse.Namespace, setup: Setup, server: subprocess.Popen) ->
         "requests": request_stats(load, args.task, tl),
         "other_tasks_bit_identical": {t: before[t] == after[t] for t in old_tasks},
         **file_and_memory_stats(setup, rss0, rss1),
+        "rss_rounds_before_bytes": [sum(r.values()) for r in rounds0],  # after each round, all processes
+        "rss_rounds_after_bytes": [sum(r.values()) for r in rounds1],
         "new_task_served_top1": served / len(inputs.new_val),
         "new_task_served_images": len(inputs.new_val),
         **checks,
