@@ -34,10 +34,10 @@ INTERVAL_S = 0.01
 def uvicorn_cycle(receive: Any) -> Any | None:
     """``receive`` unwrapped (through ``.inner``, which the outer layer's wrapper sets): if it is a
     method of uvicorn's ``RequestResponseCycle``, that cycle (its ``disconnected`` flag), else None."""
-    while (inner := getattr(receive, "inner", None)) is not None:
-        receive = inner
-    cycle = getattr(receive, "__self__", None)
-    if cycle is None or type(getattr(cycle, "disconnected", None)) is not bool:
+    while (cycle := getattr(receive, "__self__", None)) is None:  # a bound method: uvicorn's, maybe
+        if (receive := getattr(receive, "inner", None)) is None:
+            return None
+    if type(getattr(cycle, "disconnected", None)) is not bool:
         return None
     return cycle
 

@@ -121,8 +121,8 @@ async def read_images(request: Request, limit: int) -> tuple[list[bytes], int | 
     kind = media_type(request)
     top_k = None
     if kind.startswith(RAW_TYPES):
-        blobs = [await read_body(request)]
-    elif kind == "multipart/form-data":
+        return [await read_body(request)], None  # one image (limit >= 1: Settings)
+    if kind == "multipart/form-data":
         blobs = await _multipart(request, limit)
     elif kind == "application/json" or kind.endswith("+json"):
         texts, top_k = read_json(await read_body(request))

@@ -91,6 +91,7 @@ class Metrics:
         self.manifest = manifest
         self._children: dict[tuple, Histogram] = {}
         self._answered: dict[tuple[str, int], tuple] = {}  # (task, status) -> (counter, histogram) children
+        self._queued: dict[str, Histogram] = {}  # task -> queue_duration child
         self.buffer = MetricBuffer()  # per-request updates on the event loop, applied in bulk
         self._add_labels(manifest)
 
@@ -132,7 +133,10 @@ class Metrics:
                     self.batch_tasks.observe(call.tasks)
 
     def observe_queue(self, task: str, seconds: float) -> None:
-        self.buffer.observe(self._child(self.queue_duration, task), seconds)
+        child = self._queued.get(task)
+        if child is None:
+            child = self._queued[task] = self._child(self.queue_duration, task)
+        self.buffer.observe(child, seconds)
 
     def buffer_on_this_thread(self) -> None:
         """Buffer the per-request updates made on the calling thread (the event loop's), in one process

@@ -155,7 +155,8 @@ class Preprocessor:
         except Exception:
             self._observe(t0)
             raise
-        self._observe(t0)
+        if (observe := self.observe) is not None:
+            observe(time.perf_counter() - t0)
         return x
 
     def _observe(self, t0: float) -> None:
