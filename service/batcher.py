@@ -1,13 +1,13 @@
 """The scheduler: one owner of the queue, one future per request, one executor thread per device.
 
-A request becomes a :class:`Job` (its rows, its task, its deadline, its future). Jobs wait in one
-FIFO per task. :func:`collect` forms a batch of up to ``max_rows`` rows, max-min fair across tasks
-(round robin in shrinking quanta, starting from a rotating task), splitting a job across batches
-when needed; it drops jobs whose client left and answers 504 for jobs whose deadline passed,
-before computing anything. :class:`Batcher` runs the loop (continuous batching): rows that reach an
+A request becomes a :class:`~service.schedule.Job` (its rows, its task, its deadline, its future).
+Jobs wait in one FIFO per task; :func:`~service.schedule.collect` (the pure core, service/schedule.py)
+forms each batch, max-min fair across tasks, and the jobs whose deadline passed are answered 504
+before anything is computed. :class:`Batcher` runs the loop (continuous batching): rows that reach an
 idle engine go at once; while a batch runs, the next one gathers rows (queued behind the running
 one as soon as it is full); when the engine finishes, they go once the oldest has waited
-``max_wait_ms``. Batches run in one executor thread; each job gets its rows back.
+``max_wait_ms``. Batches run in the device's one thread (service/engine_thread.py); each job gets
+its rows back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,114 +29,9 @@ from service.client_watch import Leaving
 from service.engine_thread import EngineThread
 from service.engine_types import Engine, SegmentRun
 from service.postprocess import softmax_rows
+from service.schedule import Batch, Job, collect
 
 log = logging.getLogger("mtserve.batcher")
-
-
-class Job:
-    """One request's rows in the queue (a plain class with slots: one is built per request)."""
-
-    __slots__ = (
-        "abandoned",
-        "deadline",
-        "done",
-        "enqueued",
-        "future",
-        "out",
-        "rows",
-        "started",
-        "taken",
-        "task",
-        "x",
-    )
-
-    def __init__(self, task: str, x: np.ndarray, future: asyncio.Future, deadline: float):
-        self.task = task
-        self.x = x  # [n, C, H, W] float32, preprocessed
-        self.future = future
-        self.deadline = deadline  # time.monotonic()
-        self.enqueued = time.monotonic()
-        self.rows = rows = int(x.shape[0])
-        self.taken = 0  # rows handed to batches so far
-        self.done = 0  # rows computed so far
-        self.started = False  # a batch holding its rows began computing (set under Batcher._lock)
-        self.abandoned = False  # deadline passed or client left before it started: never computed
-        self.out: list[np.ndarray | None] = [None] * rows
-
-    @property
-    def left(self) -> int:
-        return self.rows - self.taken
-
-
-@dataclass
-class Batch:
-    slices: list[tuple[Job, int, int]] = field(default_factory=list)  # (job, first row, end row)
-    expired: list[Job] = field(default_factory=list)
-    skipped: list[Job] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return sum(b - a for _, a, b in self.slices)
-
-    @property
-    def tasks(self) -> list[str]:
-        return [job.task for job, a, b in self.slices for _ in range(b - a)]
-
-
-def _take(queue: deque[Job], want: int, now: float, batch: Batch) -> int:
-    """Take up to ``want`` rows from the head of one task's queue; return how many were taken."""
-    got = 0
-    while queue and got < want:
-        job = queue[0]
-        if job.abandoned or job.future.done():  # client left, deadline passed, or answered
-            queue.popleft()
-            batch.skipped.append(job)
-            continue
-        if job.taken == 0 and job.deadline <= now:
-            queue.popleft()
-            batch.expired.append(job)
-            continue
-        n = min(job.rows - job.taken, want - got)
-        batch.slices.append((job, job.taken, job.taken + n))
-        job.taken += n
-        got += n
-        if job.taken == job.rows:
-            queue.popleft()
-    return got
-
-
-def collect(
-    queues: dict[str, deque[Job]], max_rows: int, now: float, start: int = 0, per_task: bool = False
-) -> Batch:
-    """Form one batch from per-task FIFOs (in ``queues`` order, beginning at index ``start``).
-
-    cross-task: max-min fair shares: every round gives each task with rows waiting an equal quantum
-    of the capacity left, so a flood on one task cannot starve another. per-task: the first task
-    (from ``start``) with rows waiting fills the batch alone.
-    """
-    batch = Batch()
-    names = list(queues)
-    order = names[start % len(names) :] + names[: start % len(names)] if names else []
-    if per_task:
-        for task in order:
-            if _take(queues[task], max_rows, now, batch):
-                break
-        return batch
-    active = [t for t in order if queues[t]]
-    capacity = max_rows
-    while capacity > 0 and active:
-        quantum = max(1, capacity // len(active))
-        still = []
-        for task in active:
-            if capacity == 0:
-                still.append(task)
-                continue
-            got = _take(queues[task], min(quantum, capacity), now, batch)
-            capacity -= got
-            if queues[task]:
-                still.append(task)
-        active = still
-    return batch
 
 
 Observer = Callable[[Sequence[SegmentRun]], None]

@@ -28,7 +28,6 @@ import numpy as np
 from contract.errors import InvalidInput, NotReady
 from service import wire
 from service.app import build_engine
-from service.batcher import Job
 from service.channel import Channel
 from service.engine_status import (
     DRAINING,
@@ -41,6 +40,7 @@ from service.engine_status import (
     StatusBlock,
     watch_supervisor,
 )
+from service.schedule import Job
 from service.served_version import ServedVersion
 from service.server_state import Service
 from service.settings import Settings

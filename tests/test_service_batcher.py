@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from contract.errors import ClientClosed, DeadlineExceeded, NotReady, QueueFull
-from service.batcher import Batcher, Job, collect
+from service.batcher import Batcher
 from service.client_watch import awaiting
+from service.schedule import Job, collect
 from tests.fakes import FakeEngine
 
 TASKS = ["digits", "animals", "shapes"]
