@@ -156,7 +156,8 @@ class HotPaths:
         finally:
             timer.cancel()
             admission.inflight -= 1
-            self._count(target[0], status, t0)
+            if (task := target[0]) in self.metrics.tasks:
+                self.metrics.count_request(task, status, time.perf_counter() - t0)
 
     def _count(self, task: str, status: int, t0: float) -> None:
         if task in self.metrics.tasks:
