@@ -65,3 +65,11 @@ def test_service_bench_imports_no_torch() -> None:
     code = "import sys, service.bench.cli, service.bench.http_scenarios, service.bench.memory, "
     code += "service.bench.peer, service.bench.peer_litserve; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_contention_probe_times_a_loop_alone_and_in_a_pair() -> None:
+    from service.bench.machine import contention
+
+    c = contention()
+    assert 0 < c["loop_alone_s"] < 60 and 0 < c["loop_in_pair_s"] < 60
+    assert c["slowdown"] == round(c["loop_in_pair_s"] / c["loop_alone_s"], 2)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.bench import proc_cpu, report, server, wrk
+from service.bench import machine, proc_cpu, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
@@ -237,12 +237,17 @@ def run_api_cpu(args) -> dict:
                    "task": task, "image_bytes": len(body), "server_args": args.server_args,
                    "baselines": args.baseline, "loadgen": args.loadgen},
     }  # fmt: skip
+    contention = {"start": machine.contention()}  # how much the 2 CPUs slow each other (see there)
     interleaved(targets, args, args.concurrency, path, body, "front_ms", "{:.3f} ms CPU/request")
+    contention["end"] = machine.contention()
+    result["contention"] = contention
     rows, ratios = summarize(targets)
     result |= {"rows": rows, "ratios": ratios, "rounds": [r for t in targets for r in t.rounds]}
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["figure"] = {"front_ms": {r["server"]: r["front_ms"] for r in rows}, "ratios": ratios}
     md = report.table(rows, list(rows[0])) + "\n" + "".join(f"- {k}: **{v}**\n" for k, v in ratios.items())
+    md += f"- a fixed loop in a pair vs alone (start / end): {contention['start']['slowdown']}x / "
+    md += f"{contention['end']['slowdown']}x\n"
     names, values = [r["server"] for r in rows], [r["front_ms"] for r in rows]
     report.write(
         Path(args.out), args.name, result, md, lambda ax: report.bars(ax, names, values, "ms CPU / request")

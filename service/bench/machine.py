@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -59,4 +61,36 @@ def describe(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+_SPIN = "\n".join(
+    [
+        "import time",
+        "t = time.process_time()",
+        "s = 0",
+        "for i in range(2_000_000): s += i",
+        "print(time.process_time() - t)",
+    ]
+)
+
+
+def _spin(n: int) -> list[float]:
+    """CPU seconds of a fixed pure-Python loop, in ``n`` processes run at once."""
+    cmd = [sys.executable, "-c", _SPIN]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    return [float(p.communicate(timeout=120)[0]) for p in procs]
+
+
+def contention() -> dict:
+    """How much CPU time a fixed loop takes alone and with a twin on another CPU (median of 3 each):
+    on these shared vCPUs the pair ran 1.0x-1.7x slower per loop at different times of one session,
+    and CPU-time figures of servers with a busy second thread (the engine) inflate with it. Recorded
+    beside figures that divide CPU time by requests, to read them against the machine's state."""
+    alone = statistics.median(_spin(1)[0] for _ in range(3))
+    pair = statistics.median(max(_spin(2)) for _ in range(3))
+    return {
+        "loop_alone_s": round(alone, 3),
+        "loop_in_pair_s": round(pair, 3),
+        "slowdown": round(pair / alone, 2),
     }
