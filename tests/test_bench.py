@@ -72,4 +72,4 @@ def test_contention_probe_times_a_loop_alone_and_in_a_pair() -> None:
 
     c = contention()
     assert 0 < c["loop_alone_s"] < 60 and 0 < c["loop_in_pair_s"] < 60
-    assert c["slowdown"] == round(c["loop_in_pair_s"] / c["loop_alone_s"], 2)
+    assert c["slowdown"] == pytest.approx(c["loop_in_pair_s"] / c["loop_alone_s"], abs=0.02)  # rounded parts
