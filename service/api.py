@@ -10,7 +10,6 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.admission import DEADLINE
 from service.inputs import read_images
 from service.postprocess import top_k
 from service.schemas import ErrorResponse, PredictResponse, TaskInfo, TaskList
@@ -61,14 +60,14 @@ async def predict_answer(s: Service, request: Request, task: str, query_k: int |
     """The ``/predict/{task}`` answer as JSON bytes (orjson): for the FastAPI route below and for the
     lean path in front of it (service/hot_path.py), which answer identically."""
     with s.acquire(task) as model:  # the version that answers, whatever reloads happen meanwhile
-        deadline = request.scope.get(DEADLINE) or s.deadline(request)
+        deadline = s.deadline(request)
         blobs, json_k = await read_images(request, s.settings.max_images_per_request)
         pre = s.preprocess
         if (x := pre.inline(blobs)) is None:  # one small image: decoded here, no coroutine
             x = await pre(blobs)
         probs = await model.infer(task, x, request, deadline)
     k = query_k or json_k or s.settings.top_k
-    labels = model.manifest.tasks[task].labels  # the task is the version's (acquire checked it)
+    labels = model.task(task).labels
     predictions = [{"top_k": top_k(p, labels, k)} for p in probs]
     return orjson.dumps({"task": task, "model_version": model.version, "predictions": predictions})
 

@@ -74,7 +74,7 @@ class App(FastAPI):
         scope["app"] = self
         if (route := stack.route(scope)) is not None:
             return await stack.serve(scope, receive, send, *route)
-        await stack(scope, receive, send)
+        await stack.outer(scope, receive, send)
 
 
 def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:

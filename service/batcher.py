@@ -93,9 +93,7 @@ class Batcher:
             raise queue_full(queued, self.queue_size)
         job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
         self.queues[task].append(job)
-        self._queued_rows = queued = queued + n
-        if self.on_queued is not None:
-            self.on_queued()
+        self.queued_rows = queued = queued + n
         if self._idle or queued >= self.max_batch_size:  # else the loop is gathering
             self._wakeup.set()
         return job

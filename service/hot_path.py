@@ -129,7 +129,7 @@ class HotPaths:
 
         timer = me.get_loop().call_later(self.timeout, expire)
         if length is None:
-            receive = outer._limited(receive)  # a streamed body: 413 once it grows past the limit
+            receive = outer.limited(receive)  # a streamed body: 413 once it grows past the limit
         request = Request(scope, receive)
         try:
             try:
@@ -156,8 +156,7 @@ class HotPaths:
         finally:
             timer.cancel()
             admission.inflight -= 1
-            if (task := target[0]) in self.metrics.tasks:
-                self.metrics.count_request(task, status, time.perf_counter() - t0)
+            self._count(target[0], status, t0)
 
     def _count(self, task: str, status: int, t0: float) -> None:
         if task in self.metrics.tasks:

@@ -60,21 +60,9 @@ class MetricBuffer:
             self._counted[child] += amount
 
     def answered(self, counter: Any, histogram: Any, value: float) -> None:
-        """``inc(counter)`` and ``observe(histogram, value)`` together: an answered request's pair."""
-        if threading.get_ident() != self._thread:
-            counter.inc()
-            histogram.observe(value)
-            return
-        if counter not in self._counted:
-            self._counted[counter] = 1.0
-            self._arm()
-        else:
-            self._counted[counter] += 1.0
-        values = self._observed.get(histogram)
-        if values is None:
-            values = self._observed[histogram] = []
-            self._arm()
-        values.append(value)
+        """``inc(counter)`` and ``observe(histogram, value)``: an answered request's pair."""
+        self.inc(counter)
+        self.observe(histogram, value)
 
     def _arm(self) -> None:
         if self._handle is None:

@@ -90,8 +90,6 @@ class Metrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.manifest = manifest
         self._children: dict[tuple, Histogram] = {}
-        self._answered: dict[tuple[str, int], tuple] = {}  # (task, status) -> (counter, histogram) children
-        self._queued: dict[str, Histogram] = {}  # task -> queue_duration child
         self.buffer = MetricBuffer()  # per-request updates on the event loop, applied in bulk
         self._add_labels(manifest)
 
@@ -133,10 +131,7 @@ class Metrics:
                     self.batch_tasks.observe(call.tasks)
 
     def observe_queue(self, task: str, seconds: float) -> None:
-        child = self._queued.get(task)
-        if child is None:
-            child = self._queued[task] = self._child(self.queue_duration, task)
-        self.buffer.observe(child, seconds)
+        self.buffer.observe(self._child(self.queue_duration, task), seconds)
 
     def buffer_on_this_thread(self) -> None:
         """Buffer the per-request updates made on the calling thread (the event loop's), in one process
@@ -149,13 +144,9 @@ class Metrics:
         self.buffer.observe(self.preprocess_duration, seconds)
 
     def count_request(self, task: str, status: int, seconds: float) -> None:
-        """``requests_total{task,code}`` and ``request_duration_seconds{task}`` of one answered request
-        (the pair of children looked up once per (task, status))."""
-        pair = self._answered.get((task, status))
-        if pair is None:
-            pair = (self._child(self.requests, task, str(status)), self._child(self.request_duration, task))
-            self._answered[(task, status)] = pair
-        self.buffer.answered(pair[0], pair[1], seconds)
+        """``requests_total{task,code}`` and ``request_duration_seconds{task}`` of one answered request."""
+        counter = self._child(self.requests, task, str(status))
+        self.buffer.answered(counter, self._child(self.request_duration, task), seconds)
 
     def render(self) -> bytes:
         self.buffer.flush()

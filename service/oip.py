@@ -315,7 +315,7 @@ async def infer_answer(s: Service, request: Request, task: str, model_version: s
         req, binary = parse_request(await read_body(request), header(request, HEADER_LENGTH_KEY))
         x, blobs = read_input(s, req, binary)
         plan = requested_outputs(req)
-        if x is None and (x := s.preprocess.inline(blobs)) is None:
+        if x is None:
             x = await s.preprocess(blobs)
         probs = await model.infer(task, x, request, deadline)
     outputs = v2_outputs(plan, probs, model.task(task).labels)

@@ -73,7 +73,7 @@ class OuterLayer:
             return f"body of {length.decode('latin-1')} bytes is over the limit of {self.max_body}"
         return None
 
-    def _limited(self, receive):
+    def limited(self, receive):
         """``receive`` that raises 413 once the body streamed so far is over the limit."""
         seen = 0
         limit = self.max_body
@@ -120,7 +120,7 @@ class OuterLayer:
         if task is None:
             if (too_large := self._too_large(length)) is not None:
                 return await send_error(send, self._status_413, self._code_413, too_large)
-            return await self.app(scope, self._limited(receive), send)
+            return await self.app(scope, self.limited(receive), send)
 
         t0 = time.perf_counter()
         status = 500
@@ -148,7 +148,7 @@ class OuterLayer:
 
             try:
                 async with timeout:
-                    await self.app(scope, self._limited(receive), watched)
+                    await self.app(scope, self.limited(receive), watched)
             except TimeoutError:
                 if answered or not timeout.expired():
                     raise

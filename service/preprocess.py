@@ -155,8 +155,7 @@ class Preprocessor:
         except Exception:
             self._observe(t0)
             raise
-        if (observe := self.observe) is not None:
-            observe(time.perf_counter() - t0)
+        self._observe(t0)
         return x
 
     def _observe(self, t0: float) -> None:

@@ -78,11 +78,11 @@ def _take(queue: deque[Job], want: int, now: float, batch: Batch) -> int:
             queue.popleft()
             batch.expired.append(job)
             continue
-        n = min(job.rows - job.taken, want - got)
+        n = min(job.left, want - got)
         batch.slices.append((job, job.taken, job.taken + n))
         job.taken += n
         got += n
-        if job.taken == job.rows:
+        if job.left == 0:
             queue.popleft()
     return got
 

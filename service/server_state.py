@@ -78,7 +78,7 @@ class Service:
 
     def _room(self) -> tuple[int, int]:
         b = self.unit.batcher
-        return b._queued_rows, b.queue_size
+        return b.queued_rows, b.queue_size
 
     # readiness and draining live in the admission object
     @property
@@ -169,8 +169,7 @@ class Service:
         """Admission: the version served now, for ``async with`` (404 unknown task or version, 503
         not ready). The request keeps this version until it is answered, whatever reloads happen."""
         unit = self.unit
-        if task not in unit.manifest.tasks:
-            unit.task(task)  # 404, with the message listing the tasks
+        unit.task(task)  # 404 for a task the version does not serve
         if model_version is not None and model_version != unit.version:
             raise UnknownTask(f"model {task!r} has no version {model_version!r}; it has {unit.version!r}")
         self.admission.check()  # 503, or 429 before the body is read when the queue is full
