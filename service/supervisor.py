@@ -151,6 +151,9 @@ class Supervisor:
                     log.error("process %d did not stop within %.0f s: killed", p.pid, self.drain_s)
                     p.kill()
                     rc = p.wait()
+                if rc != 0:  # the exit code says which: name the process
+                    name = "the engine" if p is self.engine else f"API {self.apis.index(p)}"
+                    log.error("%s process (%d) exited %d while draining", name, p.pid, rc)
                 code = code or (rc != 0)
         return int(code)
 
