@@ -73,3 +73,41 @@ def test_contention_probe_times_a_loop_alone_and_in_a_pair() -> None:
     c = contention()
     assert 0 < c["loop_alone_s"] < 60 and 0 < c["loop_in_pair_s"] < 60
     assert c["slowdown"] == pytest.approx(c["loop_in_pair_s"] / c["loop_alone_s"], abs=0.02)  # rounded parts
+
+
+def test_idle_overhead_is_taken_over_the_engine_met_after_the_same_pause() -> None:
+    """P5 subtracts the engine's batch-1 p50 after the client's pause (an idle engine is slower than a
+    busy one); the back-to-back figure stays beside it; the HTTP floor subtracts nothing."""
+    from service.bench.http_scenarios import _idle_row
+
+    ref = {"engine_hot_ms": 0.5, "engine_paced_ms": 1.25, "decode_paced_ms": 0.5}
+    s = {"requests": 100, "p50_ms": 3.0, "p99_ms": 4.0, "tool": "python"}
+    row = _idle_row(2.0, "/predict JPEG", s, ref, runs_model=True, decodes=True)
+    assert (row["overhead_p50_ms"], row["overhead_minus_decode_ms"]) == (1.75, 1.25)
+    assert row["over_hot_engine_ms"] == 2.5
+    floor = _idle_row(0.0, "GET /healthz", s, ref, runs_model=False, decodes=False)
+    assert floor["overhead_p50_ms"] == floor["over_hot_engine_ms"] == 3.0
+
+
+def test_paced_engine_calls_sleep_before_each_timed_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from service.bench import engine_bench
+
+    class Engine:
+        manifest = SimpleNamespace(input=SimpleNamespace(size=(3, 4, 4)))
+
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def infer(self, x: np.ndarray, rows: list[str]) -> None:
+            assert x.shape == (1, 3, 4, 4)
+            self.calls.append(rows)
+
+    slept: list[float] = []
+    monkeypatch.setattr(engine_bench.time, "sleep", slept.append)
+    e = Engine()
+    out = engine_bench.paced_calls(e, ["a", "b"], 3, 0.01)  # type: ignore[arg-type]
+    assert len(out) == 3 and slept == [0.01] * 3 and e.calls == [["a"], ["b"], ["a"]]

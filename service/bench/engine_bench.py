@@ -41,6 +41,21 @@ def time_batches(engine: OrtEngine, tasks: Sequence[str], batch: int, seconds: f
     return batch * len(calls) / sum(calls), calls
 
 
+def paced_calls(engine: OrtEngine, tasks: Sequence[str], calls: int, pause_s: float) -> list[float]:
+    """Seconds per batch-1 call with ``pause_s`` of sleep between calls: the engine as an idle server
+    meets a lone request (caches, the CPU's idle state), the reference of P5's paced client. On these
+    VMs a call after a 10 ms pause takes about 2.5x a back-to-back one (docs/bench.md, P5)."""
+    x = np.random.default_rng(1).normal(size=(1, *engine.manifest.input.size)).astype(np.float32)
+    out: list[float] = []
+    for k in range(calls):
+        rows = [tasks[k % len(tasks)]]
+        time.sleep(pause_s)
+        t0 = time.perf_counter()
+        engine.infer(x, rows)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def run_engine(
     bundle: str | Path,
     threads: int,

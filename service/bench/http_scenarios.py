@@ -6,7 +6,7 @@ import numpy as np
 
 from service.bench import loadgen, payloads, report, server, wrk
 from service.bench.context import BenchContext, BenchModel
-from service.bench.engine_bench import make_engine, run_engine, time_batches
+from service.bench.engine_bench import make_engine, paced_calls, run_engine, time_batches
 
 
 def saturate(
@@ -190,43 +190,41 @@ def cross_task(ctx: BenchContext, model: BenchModel) -> dict:
 
 
 def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: float = 0.01) -> dict:
-    """P5: single requests at idle (one client, a pause between requests), p50 minus engine batch-1 p50;
-    with the default ``max_wait_ms`` and with 0 (dispatch at once)."""
+    """P5: single requests at idle (one client, a pause between requests), p50 minus the engine's
+    batch-1 p50 met the same way (a call after the same pause, measured before and after the servers:
+    an idle engine is slower than a busy one, and that is not the service's); with the default
+    ``max_wait_ms`` and with 0 (dispatch at once). The back-to-back engine p50 is kept beside it."""
     result = ctx.header("idle", model, f"P5 idle latency ({model.key})")
     m = model.manifest()
     tasks = list(m.tasks)
-    engine = make_engine(model.bundle, ctx.threads, ctx.device)
-    try:
-        _, calls = time_batches(engine, tasks, 1, 1.0, min_calls=50)
-    finally:
-        engine.stop()
-    eng_p50 = float(np.percentile(calls, 50)) * 1e3
-    from service.preprocess import load_image
-
-    img = payloads.image(m, 0)
-    pre = [_timed(lambda: load_image(img, m.input, 40_000_000)) for _ in range(50)]
-    pre_p50 = float(np.percentile(pre, 50)) * 1e3
-    seconds = min(ctx.seconds, requests * (pause_s + eng_p50 / 1e3))
+    refs = [_idle_refs(ctx, model, tasks, pause_s)]
+    eng_hot = refs[0]["engine_hot_ms"]
+    seconds = min(ctx.seconds, requests * (pause_s + eng_hot / 1e3))
     rows = []
     for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True):
         args = ["--max-batch-size", str(ctx.max_batch_size), "--max-wait-ms", str(wait)]
         args += ["--device", ctx.device]
         with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
             routes = [
-                ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), 0.0),
-                ("/predict JPEG", payloads.jpeg_requests(m, tasks), pre_p50),
+                ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), False),
+                ("/predict JPEG", payloads.jpeg_requests(m, tasks), True),
             ]
             if wait == 0:  # the HTTP floor: a route that touches neither the batcher nor the engine
                 floor = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                 routes.append(("GET /healthz (no model)", dict.fromkeys(tasks, floor), None))
-            for route, reqs, extra in routes:
+            for route, reqs, decodes in routes:
                 mix = loadgen.task_mix(tasks, "uniform")
                 res = loadgen.run(
                     loadgen.closed_loop(port, reqs, [mix], seconds, model.warmup_s, pause=pause_s)
                 )
-                eng = 0.0 if extra is None else eng_p50  # the floor runs no model
-                rows.append(_idle_row(wait, route, res.summary(), eng, extra or 0.0))
+                rows.append({"max_wait_ms": wait, "route": route, "runs_model": decodes is not None,
+                             "decodes": bool(decodes), "s": res.summary()})  # fmt: skip
+    refs.append(_idle_refs(ctx, model, tasks, pause_s))
+    ref = {k: float(np.mean([r[k] for r in refs])) for k in refs[0]}
+    rows = [_idle_row(r["max_wait_ms"], r["route"], r["s"], ref, r["runs_model"], r["decodes"]) for r in rows]
     result |= {
+        "pause_s": pause_s,
+        "references_ms": [{k: round(v, 3) for k, v in r.items()} for r in refs],
         "rows": rows,
         "figure": {f"P5 {r['route']} wait={r['max_wait_ms']:g}": r["overhead_p50_ms"] for r in rows},
     }
@@ -236,30 +234,59 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
         f"idle-{model.key}",
         result,
         report.table(rows, list(rows[0])),
-        lambda ax: report.bars(ax, labels, [r["overhead_p50_ms"] for r in rows], "p50 - engine bs1 p50 (ms)"),
+        lambda ax: report.bars(
+            ax, labels, [r["overhead_p50_ms"] for r in rows], "p50 - engine bs1 p50 after the same pause (ms)"
+        ),
     )
     return result
 
 
-def _idle_row(wait: float, route: str, s: dict, eng: float, decode: float) -> dict:
-    """One idle-latency row: p50/p99 and the p50 less the engine's batch-1 p50 (and less decoding)."""
+def _idle_refs(ctx: BenchContext, model: BenchModel, tasks: list[str], pause_s: float) -> dict[str, float]:
+    """The engine's batch-1 p50 back to back and after ``pause_s`` (as the idle client meets it), and
+    the decode's after ``pause_s``, in ms."""
+    from service.preprocess import load_image
+
+    engine = make_engine(model.bundle, ctx.threads, ctx.device)
+    try:
+        _, hot = time_batches(engine, tasks, 1, 1.0, min_calls=50)
+        paced = paced_calls(engine, tasks, 100, pause_s)
+    finally:
+        engine.stop()
+    m = model.manifest()
+    img = payloads.image(m, 0)
+    decode = [_timed(lambda: load_image(img, m.input, 40_000_000), pause_s) for _ in range(50)]
+    p50 = lambda v: float(np.percentile(v, 50)) * 1e3  # noqa: E731
+    return {"engine_hot_ms": p50(hot), "engine_paced_ms": p50(paced), "decode_paced_ms": p50(decode)}
+
+
+def _idle_row(
+    wait: float, route: str, s: dict, ref: dict[str, float], runs_model: bool, decodes: bool
+) -> dict:
+    """One idle-latency row: p50/p99, the p50 less the engine's paced batch-1 p50 (P5; and less the
+    decode's), and less its back-to-back p50 (the figure before the paced reference)."""
+    eng = ref["engine_paced_ms"] if runs_model else 0.0  # the HTTP floor runs no model
+    hot = ref["engine_hot_ms"] if runs_model else 0.0
+    decode = ref["decode_paced_ms"] if decodes else 0.0
     return {
         "max_wait_ms": wait,
         "route": route,
         "requests": s["requests"],
         "p50_ms": s["p50_ms"],
         "p99_ms": s["p99_ms"],
-        "engine_bs1_p50_ms": round(eng, 3),
-        "decode_p50_ms": round(decode, 3),
+        "engine_bs1_paced_p50_ms": round(eng, 3),
+        "decode_paced_p50_ms": round(decode, 3),
         "overhead_p50_ms": round(s["p50_ms"] - eng, 3),
         "overhead_minus_decode_ms": round(s["p50_ms"] - eng - decode, 3),
+        "engine_bs1_hot_p50_ms": round(hot, 3),
+        "over_hot_engine_ms": round(s["p50_ms"] - hot, 3),
         "tool": s["tool"],
     }
 
 
-def _timed(fn) -> float:
+def _timed(fn, pause_s: float = 0.0) -> float:
     import time
 
+    time.sleep(pause_s)
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
