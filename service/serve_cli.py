@@ -34,6 +34,7 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--batch-buckets": ("batch_buckets", str, "auto (CUDA: powers of 2; CPU: off), pow2, off, 1,2,4,8"),
     "--cuda-graphs": ("cuda_graphs", str, "on (default) or off: a CUDA graph per (variant, bucket)"),
     "--workers": ("workers", str, "API processes before one engine process; 0 = one process (default auto)"),
+    "--gil-switch-ms": ("gil_switch_ms", float, "GIL switch interval of the engine's process (default 0.5)"),
     "--emulate-device-ms": ("emulate_device_ms", float, "benchmarks: the engine sleeps per batch instead"),
     "--preprocess-workers": ("preprocess_workers", int, "decode threads (default: the CPUs available)"),
     "--model-dir": ("model_dir", str, "bundles POST /admin/reload may load (default: BUNDLE's parent)"),
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.engine_thread import favour_engine_thread
 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=fmt)
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)  # verifies the bundle: BundleError -> exit 2
+    favour_engine_thread(settings.gil_switch_ms)
     service = app.state.service
 
     class Server(uvicorn.Server):

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
         "process; auto = 0 on 2 CPUs or fewer (measured: one process serves more there), else "
         "min(CPUs available // 2, 8)",
     )
+    gil_switch_ms: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="the GIL switch interval (sys.setswitchinterval) of the process holding the engine: how "
+        "long its event loop may keep the GIL while the engine's thread waits to start its next onnxruntime "
+        "call; Python's default is 5",
+    )
     emulate_device_ms: float = Field(
         0.0, ge=0, description="benchmarks: the engine sleeps this long per batch instead of computing"
     )

@@ -187,12 +187,15 @@ def engine_main(args: argparse.Namespace) -> int:
 
     from contract.errors import BundleError
     from service.engine_core import EngineCore
+    from service.engine_thread import favour_engine_thread
 
     onnxruntime.disable_telemetry_events()
 
     block = StatusBlock(Path(args.run_dir) / "status")
+    settings = _child_settings()
+    favour_engine_thread(settings.gil_switch_ms)
     try:
-        core = EngineCore(_child_settings(), block, f"{args.run_dir}/engine.sock")
+        core = EngineCore(settings, block, f"{args.run_dir}/engine.sock")
     except BundleError as exc:
         log.error("refused bundle: %s", exc)
         return 2

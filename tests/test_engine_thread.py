@@ -71,3 +71,25 @@ def test_submit_serves_run_in_executor():
 
     assert asyncio.run(main()) == "mtserve-engine"
     thread.shutdown()
+
+
+def test_the_process_holding_the_engine_shortens_the_gil_switch_interval():
+    """``--gil-switch-ms`` (default 0.5, Python's own is 5): flag -> setting -> sys.setswitchinterval."""
+    import argparse
+    import sys
+
+    from service.engine_thread import favour_engine_thread
+    from service.serve_cli import add_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from(parser.parse_args(["b"])).gil_switch_ms == 0.5
+    given = settings_from(parser.parse_args(["b", "--gil-switch-ms", "1.5"]))
+    before = sys.getswitchinterval()
+    try:
+        favour_engine_thread(given.gil_switch_ms)
+        assert sys.getswitchinterval() == pytest.approx(0.0015)
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(ValueError, match="gil_switch_ms"):
+        settings_from(parser.parse_args(["b", "--gil-switch-ms", "0"]))
