@@ -63,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="closed-loop saturation load (overhead, api-cpu, workers): auto = wrk, else hey (one body "
         "only), else the Python generator; open-loop scenarios always use the Python one (docs/bench.md)",
     )
+    p.add_argument(
+        "--service-workers",
+        default="auto",
+        help="overhead (P1), idle (P5): the server's --workers values, each served in the same run "
+        "(e.g. 0,1; default auto: the server's default); the figure of the first one is P1/P5, the others "
+        "get a _wN suffix",
+    )
     precision_scenario.add_arguments(p)
     api_cpu_scenario.add_arguments(p)
     workers_scenario.add_arguments(p)
@@ -81,7 +88,8 @@ def models(args: argparse.Namespace) -> dict[str, BenchModel]:
 
 def contexts(args: argparse.Namespace) -> dict[str, BenchContext]:
     base = BenchContext(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
-    base = replace(base, device=args.device, loadgen=args.loadgen)
+    workers = tuple(w.strip() for w in args.service_workers.split(",") if w.strip())
+    base = replace(base, device=args.device, loadgen=args.loadgen, service_workers=workers or ("auto",))
     if args.quick:
         base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
         return {"demo": base, "r50": base}  # models' warm-up shortened in run()

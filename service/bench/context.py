@@ -39,6 +39,11 @@ class BenchContext:
     quick: bool = False
     device: str = "cpu"  # cuda: the engine and the servers use the CUDA provider (IOBinding)
     loadgen: str = "auto"  # closed-loop saturation (P1): auto, wrk, hey, python (service/bench/wrk.py)
+    service_workers: tuple[str, ...] = ("auto",)  # P1, P5: the server's --workers values, in one run
+
+    def workers_args(self, workers: str) -> tuple[str, ...]:
+        """``--workers`` for one of :attr:`service_workers` (none for ``auto``: the server's default)."""
+        return () if workers == "auto" else ("--workers", workers)
 
     def server_args(self, *extra: str) -> list[str]:
         return [

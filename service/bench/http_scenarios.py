@@ -41,26 +41,33 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     samples = [time_batches(engine, tasks, b, ctx.seconds / 2)[0]]
     rows = []
     try:
-        with server.mtserve(model.bundle, ctx.threads, ctx.server_args()) as (port, _):
-            for route, reqs in (
-                ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks)),
-                ("/predict JPEG", payloads.jpeg_requests(m, tasks)),
-            ):
-                rows.append({"route": route} | saturate(ctx, model, port, reqs, 2 * b))
-                samples.append(time_batches(engine, tasks, b, ctx.seconds / 2)[0])
+        for workers in ctx.service_workers:  # the engine timed between every service run
+            args = ctx.server_args(*ctx.workers_args(workers))
+            with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
+                for route, reqs in (
+                    ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks)),
+                    ("/predict JPEG", payloads.jpeg_requests(m, tasks)),
+                ):
+                    row = {"workers": workers, "route": route} | saturate(ctx, model, port, reqs, 2 * b)
+                    rows.append(row)
+                    samples.append(time_batches(engine, tasks, b, ctx.seconds / 2)[0])
     finally:
         engine.stop()
     ref = float(np.mean(samples))
+    figure = {}
     for row in rows:
         row["engine_ips_at_max_batch"] = round(ref, 1)
         row["ratio"] = round(row["throughput_rps"] / ref, 3)
+        suffix = "" if row["workers"] == ctx.service_workers[0] else f"_w{row['workers']}"
+        figure[("P1_tensor" if row["route"].startswith("/v2") else "P1_jpeg") + suffix] = row["ratio"]
     result |= {
         "engine": eng,
         "engine_samples_at_max_batch": [round(v, 1) for v in samples],
         "rows": rows,
-        "figure": {"P1_tensor": rows[0]["ratio"], "P1_jpeg": rows[1]["ratio"]},
+        "figure": figure,
     }
     cols = [
+        "workers",
         "route",
         "tool",
         "clients",
@@ -73,10 +80,11 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     ]
     md = report.table(eng["rows"], ["batch_size", "tasks_in_batch", "images_per_s", "call_p50_ms"])
     md += "\n" + report.table(rows, cols)
-    md += (
-        f"\nengine at batch {b} before / between / after: {result['engine_samples_at_max_batch']} images/s\n"
-    )
-    labels = [f"engine bs{r['batch_size']}" for r in eng["rows"]] + [r["route"] for r in rows]
+    md += f"\nengine at batch {b} before, between and after the runs: {result['engine_samples_at_max_batch']}"
+    md += " images/s\n"
+    labels = [f"engine bs{r['batch_size']}" for r in eng["rows"]] + [
+        f"{r['route']}\nworkers {r['workers']}" for r in rows
+    ]
     values = [r["images_per_s"] for r in eng["rows"]] + [r["throughput_rps"] for r in rows]
     report.write(
         ctx.out, f"overhead-{model.key}", result, md, lambda ax: report.bars(ax, labels, values, "images/s")
@@ -201,9 +209,10 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
     eng_hot = refs[0]["engine_hot_ms"]
     seconds = min(ctx.seconds, requests * (pause_s + eng_hot / 1e3))
     rows = []
-    for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True):
+    runs = [(w, wait) for w in ctx.service_workers for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True)]
+    for workers, wait in runs:
         args = ["--max-batch-size", str(ctx.max_batch_size), "--max-wait-ms", str(wait)]
-        args += ["--device", ctx.device]
+        args += ["--device", ctx.device, *ctx.workers_args(workers)]
         with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
             routes = [
                 ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), False),
@@ -217,18 +226,30 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
                 res = loadgen.run(
                     loadgen.closed_loop(port, reqs, [mix], seconds, model.warmup_s, pause=pause_s)
                 )
-                rows.append({"max_wait_ms": wait, "route": route, "runs_model": decodes is not None,
-                             "decodes": bool(decodes), "s": res.summary()})  # fmt: skip
+                row = {"workers": workers, "max_wait_ms": wait, "route": route}
+                rows.append(
+                    row | {"runs_model": decodes is not None, "decodes": bool(decodes), "s": res.summary()}
+                )
     refs.append(_idle_refs(ctx, model, tasks, pause_s))
     ref = {k: float(np.mean([r[k] for r in refs])) for k in refs[0]}
-    rows = [_idle_row(r["max_wait_ms"], r["route"], r["s"], ref, r["runs_model"], r["decodes"]) for r in rows]
+    rows = [
+        {"workers": r["workers"]}
+        | _idle_row(r["max_wait_ms"], r["route"], r["s"], ref, r["runs_model"], r["decodes"])
+        for r in rows
+    ]
     result |= {
         "pause_s": pause_s,
         "references_ms": [{k: round(v, 3) for k, v in r.items()} for r in refs],
         "rows": rows,
-        "figure": {f"P5 {r['route']} wait={r['max_wait_ms']:g}": r["overhead_p50_ms"] for r in rows},
+        "figure": {
+            f"P5 {r['route']} wait={r['max_wait_ms']:g}"
+            + ("" if r["workers"] == ctx.service_workers[0] else f" workers={r['workers']}"): r[
+                "overhead_p50_ms"
+            ]
+            for r in rows
+        },
     }
-    labels = [f"{r['route']}\nwait {r['max_wait_ms']:g} ms" for r in rows]
+    labels = [f"{r['route']}\nwait {r['max_wait_ms']:g} ms, workers {r['workers']}" for r in rows]
     report.write(
         ctx.out,
         f"idle-{model.key}",

@@ -35,7 +35,8 @@ def _p5_rows(results: dict) -> list[dict]:
             v = r["overhead_p50_ms"]
             rows.append(
                 {
-                    "target": f"P5 {r['route']}, max_wait_ms={r['max_wait_ms']:g}",
+                    "target": f"P5 {r['route']}, max_wait_ms={r['max_wait_ms']:g}"
+                    + (f", workers={r['workers']}" if r.get("workers", "auto") != "auto" else ""),
                     "model": key[5:],
                     "measured": f"{v:.2f} ms",
                     "goal": "<= 2 ms",
