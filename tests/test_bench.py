@@ -111,3 +111,27 @@ def test_paced_engine_calls_sleep_before_each_timed_call(monkeypatch: pytest.Mon
     e = Engine()
     out = engine_bench.paced_calls(e, ["a", "b"], 3, 0.01)  # type: ignore[arg-type]
     assert len(out) == 3 and slept == [0.01] * 3 and e.calls == [["a"], ["b"], ["a"]]
+
+
+def test_api_cpu_serves_this_tree_again_before_an_emulated_device(tmp_path: Path) -> None:
+    """``--ours-emulated MS``: each of this tree's servers once more with ``--emulate-device-ms MS`` (the
+    front alone), measured into rounds of its own; a baseline tree's servers are not doubled."""
+    import argparse
+
+    from service.bench.api_cpu import add_arguments, targets_of
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    other = tmp_path / "old"
+    (other / "service").mkdir(parents=True)
+    (other / "service" / "serve_cli.py").write_text('"--workers"')
+    args = p.parse_args(["--ours-workers", "0,1", "--ours-emulated", "0.5", "--baseline", str(other)])
+    targets = {t.name: t for t in targets_of(args, tmp_path)}
+    assert set(targets) == {
+        "ours-w0", "ours-w1", "ours@old-w0", "ours@old-w1", "ours-w0-emulated", "ours-w1-emulated", "raw",
+        "raw-inline",
+    }  # fmt: skip
+    emulated = targets["ours-w1-emulated"]
+    assert emulated.cmd == [*targets["ours-w1"].cmd, "--emulate-device-ms", "0.5"]
+    assert "--emulate-device-ms" not in targets["ours-w1"].cmd
+    assert emulated.rounds is not targets["ours-w1"].rounds

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from service.bench import machine, proc_cpu, report, server, wrk
@@ -56,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-args", default="", help="api-cpu, workers: extra `mtserve serve` flags")
     g.add_argument("--name", default="api-cpu", help="api-cpu: the result's file name (no extension)")
     g.add_argument("--ours-workers", default="0,1", help="api-cpu: the server's --workers values (0,1)")
+    g.add_argument(
+        "--ours-emulated",
+        type=float,
+        default=0.0,
+        help="api-cpu: also serve this tree with --emulate-device-ms MS (ours-...-emulated): the front "
+        "alone, without the engine's threads beside it on the CPUs (0: not)",
+    )
 
 
 def demo_image(bundle: Path, given: str | None) -> bytes:
@@ -193,6 +200,10 @@ def targets_of(args, bundle: Path) -> list[Target]:
             out.append(ours(name, tree, bundle, extra, None))
         else:  # one process, and API processes before an engine process
             out += [ours(f"{name}-w{w}", tree, bundle, extra, int(w)) for w in args.ours_workers.split(",")]
+    if args.ours_emulated > 0:  # this tree's front again, before an engine that sleeps instead of computing
+        flag = ["--emulate-device-ms", f"{args.ours_emulated:g}"]
+        mine = [t for t in out if not t.name.startswith("ours@")]
+        out += [replace(t, name=f"{t.name}-emulated", cmd=[*t.cmd, *flag], rounds=[]) for t in mine]
     return [*out, raw(bundle, inline=False), raw(bundle, inline=True)]
 
 
