@@ -30,29 +30,13 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     """P1: service at saturation (tensor via /v2, JPEG via /predict) / engine at the same batch size.
 
     The engine (same process as the load generator, the server idle meanwhile) is timed before,
-    between and after the two service runs; the ratio uses the mean, so load drift hits both sides.
+    between and after the service runs (one server per ``--service-workers`` value); the ratio uses
+    the mean, so load drift hits both sides.
     """
     result = ctx.header("overhead", model, f"P1 service / engine at saturation ({model.key})")
-    m = model.manifest()
-    tasks = list(m.tasks)
     b = ctx.max_batch_size
     eng = run_engine(model.bundle, ctx.threads, sorted({1, 8, b}), ctx.seconds / 3, device=ctx.device)
-    engine = make_engine(model.bundle, ctx.threads, ctx.device)
-    samples = [time_batches(engine, tasks, b, ctx.seconds / 2)[0]]
-    rows = []
-    try:
-        for workers in ctx.service_workers:  # the engine timed between every service run
-            args = ctx.server_args(*ctx.workers_args(workers))
-            with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
-                for route, reqs in (
-                    ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks)),
-                    ("/predict JPEG", payloads.jpeg_requests(m, tasks)),
-                ):
-                    row = {"workers": workers, "route": route} | saturate(ctx, model, port, reqs, 2 * b)
-                    rows.append(row)
-                    samples.append(time_batches(engine, tasks, b, ctx.seconds / 2)[0])
-    finally:
-        engine.stop()
+    rows, samples = _saturated_services(ctx, model)
     ref = float(np.mean(samples))
     figure = {}
     for row in rows:
@@ -66,30 +50,44 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
         "rows": rows,
         "figure": figure,
     }
-    cols = [
-        "workers",
-        "route",
-        "tool",
-        "clients",
-        "throughput_rps",
-        "p50_ms",
-        "p99_ms",
-        "mean_trunk_batch",
-        "engine_ips_at_max_batch",
-        "ratio",
-    ]
+    cols = ["workers", "route", "tool", "clients", "throughput_rps", "p50_ms", "p99_ms", "mean_trunk_batch"]
     md = report.table(eng["rows"], ["batch_size", "tasks_in_batch", "images_per_s", "call_p50_ms"])
-    md += "\n" + report.table(rows, cols)
+    md += "\n" + report.table(rows, [*cols, "engine_ips_at_max_batch", "ratio"])
     md += f"\nengine at batch {b} before, between and after the runs: {result['engine_samples_at_max_batch']}"
     md += " images/s\n"
-    labels = [f"engine bs{r['batch_size']}" for r in eng["rows"]] + [
-        f"{r['route']}\nworkers {r['workers']}" for r in rows
-    ]
+    labels = [f"engine bs{r['batch_size']}" for r in eng["rows"]]
+    labels += [f"{r['route']}\nworkers {r['workers']}" for r in rows]
     values = [r["images_per_s"] for r in eng["rows"]] + [r["throughput_rps"] for r in rows]
     report.write(
         ctx.out, f"overhead-{model.key}", result, md, lambda ax: report.bars(ax, labels, values, "images/s")
     )
     return result
+
+
+def _saturated_services(ctx: BenchContext, model: BenchModel) -> tuple[list[dict], list[float]]:
+    """Per ``--service-workers`` value one server, saturated on each route (2 x max batch clients);
+    the engine's images/s at the max batch timed before and after every route."""
+    m = model.manifest()
+    tasks = list(m.tasks)
+    b = ctx.max_batch_size
+    engine = make_engine(model.bundle, ctx.threads, ctx.device)
+    samples = [time_batches(engine, tasks, b, ctx.seconds / 2)[0]]
+    rows = []
+    try:
+        for workers in ctx.service_workers:
+            args = ctx.server_args(*ctx.workers_args(workers))
+            with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
+                for route, reqs in (
+                    ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks)),
+                    ("/predict JPEG", payloads.jpeg_requests(m, tasks)),
+                ):
+                    rows.append(
+                        {"workers": workers, "route": route} | saturate(ctx, model, port, reqs, 2 * b)
+                    )
+                    samples.append(time_batches(engine, tasks, b, ctx.seconds / 2)[0])
+    finally:
+        engine.stop()
+    return rows, samples
 
 
 def at_target(points: list[dict], target_ms: float) -> float:
@@ -208,28 +206,7 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
     refs = [_idle_refs(ctx, model, tasks, pause_s)]
     eng_hot = refs[0]["engine_hot_ms"]
     seconds = min(ctx.seconds, requests * (pause_s + eng_hot / 1e3))
-    rows = []
-    runs = [(w, wait) for w in ctx.service_workers for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True)]
-    for workers, wait in runs:
-        args = ["--max-batch-size", str(ctx.max_batch_size), "--max-wait-ms", str(wait)]
-        args += ["--device", ctx.device, *ctx.workers_args(workers)]
-        with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
-            routes = [
-                ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), False),
-                ("/predict JPEG", payloads.jpeg_requests(m, tasks), True),
-            ]
-            if wait == 0:  # the HTTP floor: a route that touches neither the batcher nor the engine
-                floor = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                routes.append(("GET /healthz (no model)", dict.fromkeys(tasks, floor), None))
-            for route, reqs, decodes in routes:
-                mix = loadgen.task_mix(tasks, "uniform")
-                res = loadgen.run(
-                    loadgen.closed_loop(port, reqs, [mix], seconds, model.warmup_s, pause=pause_s)
-                )
-                row = {"workers": workers, "max_wait_ms": wait, "route": route}
-                rows.append(
-                    row | {"runs_model": decodes is not None, "decodes": bool(decodes), "s": res.summary()}
-                )
+    rows = _idle_runs(ctx, model, seconds, pause_s)
     refs.append(_idle_refs(ctx, model, tasks, pause_s))
     ref = {k: float(np.mean([r[k] for r in refs])) for k in refs[0]}
     rows = [
@@ -260,6 +237,36 @@ def idle(ctx: BenchContext, model: BenchModel, requests: int = 200, pause_s: flo
         ),
     )
     return result
+
+
+def _idle_runs(ctx: BenchContext, model: BenchModel, seconds: float, pause_s: float) -> list[dict]:
+    """One paced client per route, per ``--service-workers`` value and ``max_wait_ms`` (the default, 0);
+    with 0 also the HTTP floor (``GET /healthz``: neither the batcher nor the engine)."""
+    m = model.manifest()
+    tasks = list(m.tasks)
+    rows = []
+    runs = [(w, wait) for w in ctx.service_workers for wait in sorted({ctx.max_wait_ms, 0.0}, reverse=True)]
+    for workers, wait in runs:
+        args = ["--max-batch-size", str(ctx.max_batch_size), "--max-wait-ms", str(wait)]
+        args += ["--device", ctx.device, *ctx.workers_args(workers)]
+        with server.mtserve(model.bundle, ctx.threads, args) as (port, _):
+            routes = [
+                ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks), False),
+                ("/predict JPEG", payloads.jpeg_requests(m, tasks), True),
+            ]
+            if wait == 0:
+                floor = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                routes.append(("GET /healthz (no model)", dict.fromkeys(tasks, floor), None))
+            for route, reqs, decodes in routes:
+                mix = loadgen.task_mix(tasks, "uniform")
+                res = loadgen.run(
+                    loadgen.closed_loop(port, reqs, [mix], seconds, model.warmup_s, pause=pause_s)
+                )
+                row = {"workers": workers, "max_wait_ms": wait, "route": route}
+                rows.append(
+                    row | {"runs_model": decodes is not None, "decodes": bool(decodes), "s": res.summary()}
+                )
+    return rows
 
 
 def _idle_refs(ctx: BenchContext, model: BenchModel, tasks: list[str], pause_s: float) -> dict[str, float]:
