@@ -88,9 +88,9 @@ def favour_engine_thread(switch_ms: float) -> None:
 
     Each onnxruntime call releases the GIL; between calls (several per batch: one per segment variant)
     and for the softmax the device's thread needs it back, and a busy event loop keeps it up to the
-    interval: Python's 5 ms left the engine idle while requests waited. 0.5 ms measured better here:
-    P1 at saturation +8 % in one process, +15-25 % in the engine process of ``--workers 1``
-    (docs/bench.md)."""
+    interval: Python's 5 ms left the engine idle while requests waited. 0.5 ms measured better in
+    interleaved runs here (P1 at saturation, medians: one process 0.50 -> 0.54, ``--workers 1`` 0.59 ->
+    0.67), shorter no better (docs/bench.md, "Fourth session")."""
     sys.setswitchinterval(switch_ms / 1000.0)
 
 

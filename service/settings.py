@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(
         "auto",
         description="API processes in front of one engine process (docs/server.md); 0 = everything in one "
-        "process; auto = 0 on 2 CPUs or fewer (measured: one process serves more there), else "
+        "process; auto = 0 on 2 CPUs or fewer (measured there: one process answers a lone request sooner "
+        "and spends less CPU per request), else "
         "min(CPUs available // 2, 8)",
     )
     gil_switch_ms: float = Field(
