@@ -13,7 +13,6 @@ its rows back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
@@ -197,8 +196,13 @@ class Batcher:
             if left is None:
                 await self._wakeup.wait()
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), left)
+            # or by a timer when the oldest row has waited max_wait (not ``asyncio.wait_for``: a task
+            # and a timeout context per wait, on the event loop, about once per batch at low load)
+            timer = asyncio.get_running_loop().call_later(left, self._wakeup.set)
+            try:
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
 
     async def _run(self) -> None:
         while True:

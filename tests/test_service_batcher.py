@@ -186,6 +186,19 @@ async def test_idle_engine_does_not_wait_for_the_batch_to_fill():
         await asyncio.wait_for(b._fill(), 0.05)
 
 
+async def test_a_gate_given_up_leaves_no_timer_to_wake_the_batcher_later():
+    """The max_wait timer of a ``_fill`` that is cancelled (e.g. the batcher stopping) is cancelled
+    with it: nothing sets the wake-up event afterwards."""
+    b = Batcher(FakeEngine(), TASKS, max_batch_size=32, max_wait_ms=30)  # loop not started
+    b.submit("digits", rows(1), far())
+    b._free_since = time.monotonic() + 1  # the row arrived while the engine was busy: a timed wait
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(b._fill(), 0.005)
+    b._wakeup.clear()
+    await asyncio.sleep(0.08)  # past the 30 ms the timer was armed for
+    assert not b._wakeup.is_set()
+
+
 @pytest.mark.parametrize("max_batch_size", [4, 8])
 async def test_loop_is_fair_under_a_flood(max_batch_size):
     b, engine = make(max_batch_size=max_batch_size, max_wait_ms=50)
