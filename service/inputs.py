@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from contract.errors import ClientClosed, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.outer_layer import raw_header
 from service.schemas import PredictJSON
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -49,10 +50,8 @@ async def read_body(request: Request) -> bytes:
 def header(request: Request, name: bytes) -> str | None:
     """The first value of header ``name`` (lower case), read from the raw ASGI headers: Starlette's
     ``request.headers`` builds an object for it."""
-    for key, value in request.scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+    value = raw_header(request.scope["headers"], name)
+    return None if value is None else value.decode("latin-1")
 
 
 def media_type(request: Request) -> str:

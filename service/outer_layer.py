@@ -40,12 +40,17 @@ LOG_EVERY_S = 10.0  # at most one "shedding" log line per this many seconds
 RETRY_AFTER = ((b"retry-after", b"1"),)
 
 
-def content_length(headers) -> bytes | None:
-    """The declared ``Content-Length`` (the first one), None when the body is streamed (chunked)."""
+def raw_header(headers, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) in ASGI's raw ``headers``, None when absent."""
     for key, value in headers:
-        if key == b"content-length":
+        if key == name:
             return value
     return None
+
+
+def content_length(headers) -> bytes | None:
+    """The declared ``Content-Length`` (the first one), None when the body is streamed (chunked)."""
+    return raw_header(headers, b"content-length")
 
 
 class OuterLayer:
