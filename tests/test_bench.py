@@ -73,6 +73,14 @@ def test_contention_probe_times_a_loop_alone_and_in_a_pair() -> None:
     c = contention()
     assert 0 < c["loop_alone_s"] < 60 and 0 < c["loop_in_pair_s"] < 60
     assert c["slowdown"] == pytest.approx(c["loop_in_pair_s"] / c["loop_alone_s"], abs=0.02)  # rounded parts
+    assert c["pair_capacity"] == pytest.approx(2 / c["slowdown"], abs=0.03)  # two CPUs in units of one
+
+
+def test_the_workers_figure_names_what_two_busy_cpus_were_worth() -> None:
+    from service.bench.workers import _capacity_line
+
+    c = {"start": {"pair_capacity": 1.21}, "end": {"pair_capacity": 1.87}}
+    assert "1.21 / 1.87 CPUs" in _capacity_line(c)
 
 
 def test_idle_overhead_is_taken_over_the_engine_met_after_the_same_pause() -> None:

@@ -86,11 +86,14 @@ def contention() -> dict:
     """How much CPU time a fixed loop takes alone and with a twin on another CPU (median of 3 each):
     on these shared vCPUs the pair ran 1.0x-1.7x slower per loop at different times of one session,
     and CPU-time figures of servers with a busy second thread (the engine) inflate with it. Recorded
-    beside figures that divide CPU time by requests, to read them against the machine's state."""
+    beside figures that divide CPU time by requests, to read them against the machine's state.
+    ``pair_capacity``: the work two busy CPUs do in units of one CPU alone (2 / slowdown): what any
+    two processes, API workers included, can get out of the pair at that time."""
     alone = statistics.median(_spin(1)[0] for _ in range(3))
     pair = statistics.median(max(_spin(2)) for _ in range(3))
     return {
         "loop_alone_s": round(alone, 3),
         "loop_in_pair_s": round(pair, 3),
         "slowdown": round(pair / alone, 2),
+        "pair_capacity": round(2 * alone / pair, 2),
     }

@@ -16,7 +16,7 @@ import os
 import statistics
 from pathlib import Path
 
-from service.bench import api_cpu, report, server, wrk
+from service.bench import api_cpu, machine, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
@@ -58,6 +58,16 @@ def _rows(targets: list[api_cpu.Target]) -> list[dict]:
     return rows
 
 
+def _capacity_line(contention: dict) -> str:
+    """The machine's state beside the ratios: more API processes than one cannot gain more than the
+    pair of CPUs is worth over one CPU alone (machine.contention)."""
+    start, end = contention["start"], contention["end"]
+    return (
+        f"- two busy CPUs did the work of {start['pair_capacity']} / {end['pair_capacity']} CPUs alone "
+        f"(a fixed loop, start / end of the run): about the most two API processes can do over one\n"
+    )
+
+
 def run_workers(args) -> dict:
     """The scenario; writes ``--out/workers.{json,md,png}``. Refuses (SystemExit) on a tree without the
     flags it needs."""
@@ -83,12 +93,14 @@ def run_workers(args) -> dict:
                    "max_batch_size": args.max_batch_size, "server_args": args.server_args,
                    "loadgen": args.loadgen},
     }  # fmt: skip
+    contention = {"start": machine.contention()}  # what two busy CPUs are worth now (see there)
     api_cpu.interleaved(targets, args, args.workers_concurrency, path, body, "rps", "{:.0f} requests/s")
+    contention["end"] = machine.contention()
     rows = _rows(targets)
-    result |= {"rows": rows, "rounds": [r for t in targets for r in t.rounds]}
+    result |= {"rows": rows, "rounds": [r for t in targets for r in t.rounds], "contention": contention}
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["figure"] = {row["server"]: {"rps": row["rps"], "x_first": row["x_first"]} for row in rows}
     names, rps = [r["server"] for r in rows], [r["rps"] for r in rows]
-    md = report.table(rows, list(rows[0]))
+    md = report.table(rows, list(rows[0])) + "\n" + _capacity_line(contention)
     report.write(Path(args.out), "workers", result, md, lambda ax: report.bars(ax, names, rps, "requests/s"))
     return result
