@@ -69,6 +69,13 @@ def child_env(settings: Settings, run: Path) -> dict[str, str]:
     return env
 
 
+def interpreter() -> list[str]:
+    """This Python as the children run it: started with ``-P`` (the modules of ``PYTHONPATH``, not of
+    the working directory, as the benchmarks start another source tree), the children keep it, so
+    every process of one server runs the same code."""
+    return [sys.executable, *(["-P"] if sys.flags.safe_path else [])]
+
+
 class Supervisor:
     def __init__(self, settings: Settings, run: Path, log_level: str, access_log: bool):
         self.settings = settings
@@ -85,7 +92,7 @@ class Supervisor:
         self.drain_s = settings.timeout_ms / 1000.0 + 30.0
 
     def _spawn(self, role: str, *args: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "service.supervisor", role, *args, *self.common]
+        cmd = [*interpreter(), "-m", "service.supervisor", role, *args, *self.common]
         return subprocess.Popen(cmd, env=self.env, pass_fds=fds, start_new_session=True)
 
     def _on_signal(self, signum, frame) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -46,19 +46,24 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, limit_s: float = 90.
 
 @contextlib.contextmanager
 def serve(
-    bundle: str | Path, *args: str, env: Mapping[str, str] | None = None, log: Path | None = None
+    bundle: str | Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
+    python_flags: Sequence[str] = (),
+    cwd: Path = ROOT,
 ) -> Iterator[tuple[subprocess.Popen, str, Path]]:
     """``mtserve serve BUNDLE --host 127.0.0.1 --port <free> ARGS``; yields (process, base URL, log file)
     once ``/readyz`` is 200. Output goes to ``log`` (a temporary file by default), never to a pipe
     that could fill up. On exit a process still running is terminated (killed after 20 s)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(bundle), "--host", "127.0.0.1"]
+    cmd = [sys.executable, *python_flags, "-m", "service.cli", "serve", str(bundle), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), *args]
     if log is None:
         log = Path(tempfile.mkstemp(prefix="mtserve-", suffix=".log")[1])
     full_env = os.environ | {"PYTHONUNBUFFERED": "1"} | dict(env or {})
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, log)

@@ -323,3 +323,19 @@ def test_an_answer_does_not_depend_on_the_process_layout(tiny_bundle):
                 answers.append((workers, task, r.content))
     one, split = answers[:2], answers[2:]
     assert [(t, a) for _, t, a in one] == [(t, a) for _, t, a in split]
+
+
+def test_every_process_runs_the_supervisors_code(tiny_bundle, tmp_path):
+    """Started with ``-P`` from a directory that holds another ``service`` package (as a benchmark starts
+    a baseline tree), the engine and API processes import the modules the supervisor imported."""
+    (tmp_path / "service").mkdir()
+    (tmp_path / "service" / "__init__.py").write_text("raise ImportError('the working directory')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root)}
+    args = ("--workers", "1", "--log-level", "warning", "--emulate-device-ms", "1")
+    bundle = Path(tiny_bundle).resolve()
+    with serve(bundle, *args, env=env, python_flags=["-P"], cwd=tmp_path) as (proc, url, _):
+        r = httpx.post(url + "/predict/digits", content=png(0), headers={"content-type": "image/png"})
+        assert r.status_code == 200
+        for pid in children(proc.pid).values():
+            assert "-P" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
