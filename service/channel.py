@@ -53,12 +53,17 @@ class Channel(asyncio.Protocol):
             self.on_lost(self)
 
     def send(self, header: bytes, tensor=None) -> None:
+        """Queue one message for this turn's write. ``tensor``: a buffer, or a list of buffers that
+        travel as one frame, back to back (the rows of several requests, none copied)."""
         if self.closed or self.transport is None:
             return
         if not self._out:
             self._loop.call_soon(self.flush)  # type: ignore[union-attr]
         if tensor is None:
             self._out += (PREFIX.pack(len(header), 0), header)
+        elif isinstance(tensor, list):
+            parts = [memoryview(t).cast("B") for t in tensor]
+            self._out += (PREFIX.pack(len(header), sum(p.nbytes for p in parts)), header, *parts)
         else:
             tensor = memoryview(tensor).cast("B")
             self._out += (PREFIX.pack(len(header), tensor.nbytes), header, tensor)

@@ -1,7 +1,8 @@
 """The API process's side of the wire (:mod:`service.wire`): one connection to the engine process.
 
 Every request gets an id and a future; the connection's protocol (service/channel.py) resolves them
-as answers come back.
+as answers come back. The requests of one turn of the loop go in one :class:`~service.wire.Infer`
+(their rows written from their own arrays, not copied), sent at the end of that turn.
 A request whose client leaves, or whose waiter is cancelled (the outer layer's 504), sends a
 :class:`~service.wire.Cancel`: the engine abandons the job if it has not started computing.
 The engine's pid is watched (``pidfd_open`` on the event loop): if the engine process dies, every
@@ -39,6 +40,7 @@ class EngineClient:
         self.dead: str | None = None
         self._ids = itertools.count(1)
         self._chan: Channel | None = None
+        self._unsent: dict[int, tuple[str, int, float, np.ndarray]] = {}  # this turn's requests, by id
         self._pidfd: int | None = None
 
     async def start(self) -> None:
@@ -101,15 +103,36 @@ class EngineClient:
         """(version, probabilities [n, C]) of the rows ``x``; 504 / 429 / 503 as the engine answers;
         499 (ClientClosed) if ``leaving`` says the client left first (the engine is told to drop the job)."""
         rid, fut = self._open()
-        self._send(wire.Infer(rid, task, gen, deadline, tuple(x.shape)), wire.tensor_frame(x))
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._send_requests)
+        self._unsent[rid] = (task, gen, deadline, x)
         stop = leaving(functools.partial(self._client_left, rid)) if leaving is not None else None
         try:
             return await fut
         finally:
             if stop is not None:
                 stop()
-            if self.pending.pop(rid, None) is not None and self.dead is None:  # not answered: drop it
+            unanswered = self.pending.pop(rid, None) is not None and self.dead is None
+            if unanswered and self._unsent.pop(rid, None) is None:  # drop it (if sent already)
                 self._send(wire.Cancel(rid))
+
+    def _send_requests(self) -> None:
+        """This turn's requests: one :class:`~service.wire.Infer` per row shape (one, but for a reload
+        that changes the input size), each request's rows a part of its frame."""
+        unsent, self._unsent = self._unsent, {}
+        if not unsent or self.dead is not None:
+            return
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for rid, (_, _, _, x) in unsent.items():
+            by_shape.setdefault(x.shape[1:], []).append(rid)
+        for shape, ids in by_shape.items():
+            reqs = [unsent[rid] for rid in ids]
+            msg = wire.Infer(
+                ids, [r[0] for r in reqs], [r[1] for r in reqs], [r[2] for r in reqs],
+                [len(r[3]) for r in reqs], shape,
+            )  # fmt: skip
+            self._send(msg, [wire.tensor_frame(r[3]) for r in reqs])
+        self._chan.flush()  # type: ignore[union-attr]  # written now, not one more turn later
 
     def _client_left(self, rid: int) -> None:
         fut = self.pending.get(rid)
@@ -126,19 +149,36 @@ class EngineClient:
             if fut.done():
                 self.pending.pop(rid, None)
 
-    def _resolve(self, msg: wire.ToApi, tensor: memoryview | None) -> None:
+    def _resolve(self, msg: wire.Failure | wire.Reply) -> None:
         fut = self.pending.pop(msg.id, None)
         if fut is None or fut.done():  # cancelled meanwhile
             return
-        if isinstance(msg, wire.Result):
-            fut.set_result((msg.version, wire.tensor_of(tensor, msg.shape)))
-        elif isinstance(msg, wire.Failure):
+        if isinstance(msg, wire.Failure):
             fut.set_exception(wire.error_of(msg))
         else:
             fut.set_result(msg.data)
 
+    def _resolve_results(self, msg: wire.Results, tensor: memoryview | None) -> None:
+        try:
+            outs = wire.results_of(msg, tensor)
+        except Exception as exc:  # the engine's bug: its requests fail (500), none hangs
+            log.error("engine answers that do not add up: %s", exc)
+            outs = [RuntimeError(f"engine: {exc}")] * len(msg.ids)
+        for rid, out in zip(msg.ids, outs, strict=True):
+            fut = self.pending.pop(rid, None)
+            if fut is None or fut.done():  # cancelled meanwhile
+                continue
+            if isinstance(out, Exception):
+                fut.set_exception(out)
+            else:
+                fut.set_result((msg.version, out))
+
     def _on_message(self, chan: Channel, header: memoryview, tensor: memoryview | None) -> None:
-        self._resolve(wire.decode_to_api(header), tensor)
+        msg = wire.decode_to_api(header)
+        if isinstance(msg, wire.Results):
+            self._resolve_results(msg, tensor)
+        else:
+            self._resolve(msg)
 
     def _lost(self, chan: Channel) -> None:
         """The engine closed the connection: it is exiting (or gone), as its pidfd will say."""

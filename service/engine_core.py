@@ -63,10 +63,12 @@ class EngineCore:
         self.held: list[int] = []  # per API process: the generation the engine holds its lease on
         self.waiting: dict[tuple[bytes, int], tuple[ServedVersion, Job]] = {}  # by (API process, id)
         self.answering: set[asyncio.Task] = set()  # admin calls
+        self._outbox: dict[tuple[Channel, str], list] = {}  # this turn's answers, by API process and version
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self.orphaned = False  # the supervisor died: the engine, its last child, removes the run directory
         self._published: tuple | None = None
+        self._room_due = False
         self.server: asyncio.Server | None = None
 
     def _orphaned(self) -> None:
@@ -79,7 +81,15 @@ class EngineCore:
         self.stopping.set()
 
     # -- what the API processes read ------------------------------------------------------------
+    def _room_changed(self) -> None:
+        """A batcher's queue changed: publish the room at the end of this turn (once for all of the
+        turn's requests; the API processes read it for their next admissions)."""
+        if not self._room_due:
+            self._room_due = True
+            asyncio.get_running_loop().call_soon(self._publish_room)
+
     def _publish_room(self) -> None:
+        self._room_due = False
         self.block.ints[QUEUED] = sum(max(0, u.batcher.queued_rows) for u in self.units.values())
 
     def _publish_state(self) -> None:
@@ -105,7 +115,7 @@ class EngineCore:
         """A version that starts serving: a new generation, its room published at every change."""
         self.gen += 1
         self.units[self.gen] = unit
-        unit.batcher.on_queued = self._publish_room
+        unit.batcher.on_queued = self._room_changed
         if not self.held:  # the first version: every API process starts on it
             for _ in range(self.n_api):
                 await unit.__aenter__()
@@ -144,34 +154,52 @@ class EngineCore:
         chan.send(wire.encode(msg), tensor)
 
     def _infer(self, chan: Channel, msg: wire.Infer, tensor: memoryview | None) -> None:
-        unit = self.units.get(msg.gen)
+        """Queue every request of the message (each failure answered on its own)."""
         try:
-            if unit is None:
-                raise NotReady(f"model generation {msg.gen} is not served (now {self.gen})")
-            unit.task(msg.task)
-            if tensor is None:
-                raise InvalidInput("an inference request without its tensor")
-            x = wire.tensor_of(tensor, msg.shape)
-            if x.ndim != 4 or list(x.shape[1:]) != list(unit.manifest.input.size):
-                raise InvalidInput(f"tensor of shape {list(x.shape)} for input {unit.manifest.input.size}")
-            job = unit.batcher.submit(msg.task, x, msg.deadline)  # 429 when full, 503 when stopping
+            xs = wire.requests_of(msg, tensor)
         except Exception as exc:
-            self._send(chan, wire.failure_of(msg.id, exc))
+            for rid in msg.ids:
+                self._send(chan, wire.failure_of(rid, exc))
             return
-        self.waiting[chan, msg.id] = (unit, job)
-        job.future.add_done_callback(partial(self._answer, chan, msg.id, unit.version))
+        for rid, task, gen, deadline, x in zip(msg.ids, msg.tasks, msg.gens, msg.deadlines, xs, strict=True):
+            unit = self.units.get(gen)
+            try:
+                if unit is None:
+                    raise NotReady(f"model generation {gen} is not served (now {self.gen})")
+                unit.task(task)
+                if list(msg.shape) != (size := list(unit.manifest.input.size)):
+                    raise InvalidInput(f"rows of shape {list(msg.shape)} for input {size}")
+                job = unit.batcher.submit(task, x, deadline)  # 429 when full, 503 when stopping
+            except Exception as exc:
+                self._send(chan, wire.failure_of(rid, exc))
+                continue
+            self.waiting[chan, rid] = (unit, job)
+            job.future.add_done_callback(partial(self._answer, chan, rid, unit.version))
 
     def _answer(self, chan: Channel, rid: int, version: str, future: asyncio.Future) -> None:
-        """The job's future is done: its rows (or its error) go back. No timer per request here: the
-        API process answers 504 at the deadline and cancels; the batcher never computes a job past it."""
+        """The job's future is done: its rows join this turn's :class:`~service.wire.Results` to its API
+        process (its error goes alone). No timer per request here: the API process answers 504 at the
+        deadline and cancels; the batcher never computes a job past it."""
         self.waiting.pop((chan, rid), None)
         if future.cancelled():  # cancelled by its API process: nobody waits for it
             return
         if (exc := future.exception()) is not None:
             self._send(chan, wire.failure_of(rid, exc))
             return
-        out = np.stack(future.result()).astype(np.float32, copy=False)
-        self._send(chan, wire.Result(rid, version, out.shape), wire.tensor_frame(out))
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._send_results)
+        self._outbox.setdefault((chan, version), []).append((rid, future.result()))
+
+    def _send_results(self) -> None:
+        """This turn's answers: one message per API process (and version), the rows back to back."""
+        outbox, self._outbox = self._outbox, {}
+        for (chan, version), answers in outbox.items():
+            ids = [rid for rid, _ in answers]
+            rows = [len(out) for _, out in answers]
+            widths = [len(out[0]) for _, out in answers]
+            flat = np.concatenate([row for _, out in answers for row in out]).astype(np.float32, copy=False)
+            self._send(chan, wire.Results(version, ids, rows, widths), flat)
+            chan.flush()  # written now, not one more turn of the loop later
 
     async def _call(self, chan: Channel, msg: wire.Call) -> None:
         try:

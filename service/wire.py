@@ -2,11 +2,17 @@
 
 One Unix socket connection per API process to the engine process (:mod:`service.channel`). A message
 is a msgpack header (a tagged :class:`msgspec.Struct`), followed for tensors by the raw bytes of
-little-endian float32 in C order (written from the array's memory, read as a view of the bytes
+little-endian float32 in C order (written from the arrays' memory, read as views of the bytes
 received). Nothing is pickled.
 
-API -> engine: :class:`Infer` (+ the tensor frame), :class:`Cancel`, :class:`Call` (reload, ...).
-Engine -> API: :class:`Result` (+ the probabilities frame), :class:`Failure`, :class:`Reply`.
+API -> engine: :class:`Infer` (+ the rows' frame), :class:`Cancel`, :class:`Call` (reload, ...).
+Engine -> API: :class:`Results` (+ the probabilities' frame), :class:`Failure`, :class:`Reply`.
+
+Requests and answers travel in bulk, as vLLM's engine core sends one message of outputs per step: an
+API process sends the requests of one turn of its loop in one :class:`Infer`, the engine the answers
+of one turn of its loop (a batch's) to each API process in one :class:`Results`. The engine process is
+the one process every request passes through, so what it spends per message bounds the server: one
+message per request cost it about as much as the rest of the request's handling there.
 
 Errors cross the wire by their :mod:`contract.errors` class name, so an API process raises the same
 exception (and answers the same status) as the engine would have in one process.
@@ -25,12 +31,14 @@ DTYPE = np.dtype("<f4")
 
 
 class Infer(msgspec.Struct, tag="infer", array_like=True):
-    """Rows of one request (preprocessed, ``shape`` = [n, C, H, W]); the tensor is the next frame."""
+    """Requests of one API process (preprocessed rows): request ``ids[i]`` has ``rows[i]`` rows of
+    ``shape`` ([C, H, W]); the tensor frame holds all of them, request after request."""
 
-    id: int
-    task: str
-    gen: int  # the engine's model generation the request was admitted to (docs: live reload)
-    deadline: float  # CLOCK_MONOTONIC (time.monotonic(), system-wide on Linux)
+    ids: list[int]
+    tasks: list[str]
+    gens: list[int]  # the engine's model generation each was admitted to (docs: live reload)
+    deadlines: list[float]  # CLOCK_MONOTONIC (time.monotonic(), system-wide on Linux)
+    rows: list[int]
     shape: tuple[int, ...]
 
 
@@ -49,12 +57,14 @@ class Call(msgspec.Struct, tag="call", array_like=True):
     allow_remove: bool = False  # reload: the new version may drop served tasks (issue 14)
 
 
-class Result(msgspec.Struct, tag="result", array_like=True):
-    """The probabilities [n, C] of one request; the tensor is the next frame."""
+class Results(msgspec.Struct, tag="results", array_like=True):
+    """Answers computed by one version: request ``ids[i]`` gets ``rows[i]`` x ``widths[i]``
+    probabilities; the tensor frame holds all of them, request after request."""
 
-    id: int
     version: str
-    shape: tuple[int, ...]
+    ids: list[int]
+    rows: list[int]
+    widths: list[int]
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
@@ -69,7 +79,7 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 
 
 ToEngine = Infer | Cancel | Call
-ToApi = Result | Failure | Reply
+ToApi = Results | Failure | Reply
 ENGINE_CALLS = ("reload",)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -111,12 +121,34 @@ def tensor_frame(x: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(x, dtype=DTYPE)).cast("B")
 
 
-def tensor_of(buffer, shape: tuple[int, ...]) -> np.ndarray:
-    """The array over a received frame's buffer (no copy; read-only)."""
-    x = np.frombuffer(buffer, dtype=DTYPE)
-    if x.size != math.prod(shape):
-        raise errors.InvalidInput(f"tensor frame of {x.size} values for shape {list(shape)}")
-    return x.reshape(shape)
+def _split(buffer, sizes: list[int], shapes) -> list[np.ndarray]:
+    """Views of ``buffer`` (float32) cut into consecutive arrays of ``sizes`` values, reshaped."""
+    x = np.frombuffer(buffer, dtype=DTYPE) if buffer is not None else np.empty(0, DTYPE)
+    if x.size != sum(sizes):
+        raise errors.InvalidInput(f"tensor frame of {x.size} values for {sum(sizes)}")
+    out, at = [], 0
+    for size, shape in zip(sizes, shapes, strict=True):
+        out.append(x[at : at + size].reshape(shape))
+        at += size
+    return out
+
+
+def requests_of(msg: Infer, buffer) -> list[np.ndarray]:
+    """Each request's rows [n, C, H, W] of an :class:`Infer`, views of its frame (InvalidInput if the
+    lists or the frame do not add up)."""
+    n = len(msg.ids)
+    if not (len(msg.tasks) == len(msg.gens) == len(msg.deadlines) == len(msg.rows) == n):
+        raise errors.InvalidInput("an inference message whose lists differ in length")
+    if any(r <= 0 for r in msg.rows) or any(d <= 0 for d in msg.shape):
+        raise errors.InvalidInput(f"rows {msg.rows} of shape {list(msg.shape)}")
+    row = math.prod(msg.shape)
+    return _split(buffer, [r * row for r in msg.rows], [(r, *msg.shape) for r in msg.rows])
+
+
+def results_of(msg: Results, buffer) -> list[np.ndarray]:
+    """Each request's probabilities [n, C] of a :class:`Results`, views of its frame."""
+    shapes = list(zip(msg.rows, msg.widths, strict=True))
+    return _split(buffer, [r * w for r, w in shapes], shapes)
 
 
 def failure_of(request_id: int, exc: BaseException) -> Failure:

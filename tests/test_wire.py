@@ -16,7 +16,7 @@ from service.engine_status import GEN, QUEUE_SIZE, QUEUED, StatusBlock
 
 def test_messages_round_trip_as_msgpack_without_pickle():
     for msg in (
-        wire.Infer(7, "digits", 3, 12.5, (2, 3, 32, 32)),
+        wire.Infer([7, 9], ["digits", "shapes"], [3, 3], [12.5, 13.0], [2, 1], (3, 32, 32)),
         wire.Cancel(7),
         wire.Call(8, "reload", "v2"),
         wire.Call(9, "reload"),
@@ -24,7 +24,11 @@ def test_messages_round_trip_as_msgpack_without_pickle():
         data = wire.encode(msg)
         assert b"pickle" not in data and data[:1] != b"\x80"  # msgpack, not a pickle stream
         assert wire.decode_to_engine(data) == msg
-    for msg in (wire.Result(7, "1", (2, 10)), wire.Failure(7, "QueueFull", "full"), wire.Reply(8, {"a": 1})):
+    for msg in (
+        wire.Results("1", [7, 9], [2, 1], [10, 4]),
+        wire.Failure(7, "QueueFull", "full"),
+        wire.Reply(8, {"a": 1}),
+    ):
         assert wire.decode_to_api(wire.encode(msg)) == msg
     with pytest.raises(msgspec.ValidationError):  # an engine message is not an API message
         wire.decode_to_api(wire.encode(wire.Cancel(1)))
@@ -34,10 +38,28 @@ def test_tensor_frames_are_views():
     x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
     frame = wire.tensor_frame(x)
     assert frame.obj is x or np.shares_memory(np.frombuffer(frame, np.float32), x)  # no copy
-    y = wire.tensor_of(bytes(frame), x.shape)
-    assert np.array_equal(x, y)
+    msg = wire.Infer([1, 2], ["a", "b"], [1, 1], [5.0, 5.0], [1, 1], (3, 4, 4))
+    received = bytes(frame)
+    a, b = wire.requests_of(msg, received)
+    assert np.array_equal(a, x[:1]) and np.array_equal(b, x[1:])
+    assert np.shares_memory(a, np.frombuffer(received, np.float32))  # views of the bytes received
+    for bad in (
+        wire.Infer([1, 2], ["a", "b"], [1, 1], [5.0, 5.0], [1, 2], (3, 4, 4)),  # 3 rows, 2 sent
+        wire.Infer([1, 2], ["a"], [1, 1], [5.0, 5.0], [1, 1], (3, 4, 4)),  # lists of different lengths
+        wire.Infer([1, 2], ["a", "b"], [1, 1], [5.0, 5.0], [2, 0], (3, 4, 4)),  # an empty request
+    ):
+        with pytest.raises(errors.InvalidInput):
+            wire.requests_of(bad, received)
+
+
+def test_results_are_cut_by_rows_and_widths():
+    p = np.arange(2 * 10 + 3 * 4, dtype=np.float32)
+    msg = wire.Results("1", [7, 9], [2, 3], [10, 4])
+    a, b = wire.results_of(msg, p.tobytes())
+    assert a.shape == (2, 10) and b.shape == (3, 4)
+    assert np.array_equal(a.ravel(), p[:20]) and np.array_equal(b.ravel(), p[20:])
     with pytest.raises(errors.InvalidInput):
-        wire.tensor_of(bytes(frame), (3, 3, 4, 4))
+        wire.results_of(wire.Results("1", [7], [2], [10]), p.tobytes())
 
 
 @pytest.mark.parametrize(
@@ -102,9 +124,11 @@ async def test_channel_frames_messages_however_they_are_split():
     sender = Channel(lambda *a: None)
     sender.connection_made(_Transport())
     x = np.arange(3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4)
-    sender.send(wire.encode(wire.Infer(1, "digits", 1, 5.0, x.shape)), wire.tensor_frame(x))
+    one = wire.Infer([1], ["digits"], [1], [5.0], [1], (3, 4, 4))
+    two = wire.Infer([2, 3], ["shapes", "digits"], [1, 1], [5.0, 5.0], [1, 1], (3, 4, 4))
+    sender.send(wire.encode(one), wire.tensor_frame(x))
     sender.send(wire.encode(wire.Cancel(1)))
-    sender.send(wire.encode(wire.Infer(2, "shapes", 1, 5.0, x.shape)), wire.tensor_frame(x * 2))
+    sender.send(wire.encode(two), [wire.tensor_frame(x * 2), wire.tensor_frame(x * 3)])  # one frame, 2 parts
     assert sender.transport.out == []  # written at the end of this turn of the loop, in one write
     await asyncio.sleep(0)
     assert len(sender.transport.out) == 1
@@ -114,10 +138,12 @@ async def test_channel_frames_messages_however_they_are_split():
 
         def on_message(chan, header, tensor, got=got):
             msg = wire.decode_to_engine(header)
-            got.append((msg, None if tensor is None else wire.tensor_of(tensor, msg.shape).copy()))
+            rows = None if tensor is None else [r.copy() for r in wire.requests_of(msg, tensor)]
+            got.append((msg, rows))
 
         receiver = Channel(on_message)
         for i in range(0, len(stream), split):
             receiver.data_received(stream[i : i + split])
-        assert [m.id for m, _ in got] == [1, 1, 2] and got[1][1] is None, split
-        assert np.array_equal(got[0][1], x) and np.array_equal(got[2][1], x * 2), split
+        assert [m for m, _ in got] == [one, wire.Cancel(1), two] and got[1][1] is None, split
+        assert np.array_equal(got[0][1][0], x), split
+        assert np.array_equal(got[2][1][0], x * 2) and np.array_equal(got[2][1][1], x * 3), split

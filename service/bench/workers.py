@@ -59,12 +59,12 @@ def _rows(targets: list[api_cpu.Target]) -> list[dict]:
 
 
 def _capacity_line(contention: dict) -> str:
-    """The machine's state beside the ratios: more API processes than one cannot gain more than the
-    pair of CPUs is worth over one CPU alone (machine.contention)."""
+    """The machine's state beside the ratios (machine.contention): on a shared host two busy vCPUs
+    may do much less than twice the work of one, and then so may two API processes."""
     start, end = contention["start"], contention["end"]
     return (
         f"- two busy CPUs did the work of {start['pair_capacity']} / {end['pair_capacity']} CPUs alone "
-        f"(a fixed loop, start / end of the run): about the most two API processes can do over one\n"
+        f"(a fixed loop, start / end of the run; 2 on two free cores)\n"
     )
 
 
