@@ -143,3 +143,34 @@ def test_api_cpu_serves_this_tree_again_before_an_emulated_device(tmp_path: Path
     assert emulated.cmd == [*targets["ours-w1"].cmd, "--emulate-device-ms", "0.5"]
     assert "--emulate-device-ms" not in targets["ours-w1"].cmd
     assert emulated.rounds is not targets["ours-w1"].rounds
+
+
+def test_p1_takes_the_best_throughput_of_its_client_counts_per_layout_and_route() -> None:
+    from service.bench.http_scenarios import saturation_rows
+
+    rows = [
+        {"workers": "1", "route": "/v2", "clients": 64, "throughput_rps": 2900.0},
+        {"workers": "1", "route": "/v2", "clients": 128, "throughput_rps": 3100.0},
+        {"workers": "1", "route": "JPEG", "clients": 64, "throughput_rps": 2100.0},
+        {"workers": "1", "route": "JPEG", "clients": 128, "throughput_rps": 2000.0},
+        {"workers": "0", "route": "/v2", "clients": 64, "throughput_rps": 2500.0},
+    ]
+    best = saturation_rows(rows)
+    assert [(r["workers"], r["route"], r["clients"]) for r in best] == [
+        ("1", "/v2", 128),
+        ("1", "JPEG", 64),
+        ("0", "/v2", 64),
+    ]
+
+
+def test_saturation_flag_reaches_the_context(tmp_path) -> None:
+    import argparse
+
+    from service.bench.cli import add_arguments, contexts
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ctx = contexts(p.parse_args(["overhead", "--out", str(tmp_path), "--saturation", "2,4,8"]))["demo"]
+    assert ctx.saturation == (2, 4, 8)
+    quick = contexts(p.parse_args(["overhead", "--out", str(tmp_path), "--quick"]))["demo"]
+    assert quick.saturation == (2,)  # the smoke run: one load point per route

@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(e.g. 0,1; default auto: the server's default); the figure of the first one is P1/P5, the others "
         "get a _wN suffix",
     )
+    p.add_argument(
+        "--saturation",
+        default="2,4",
+        help="overhead (P1): clients in flight, as multiples of the max batch size, each run in turn; "
+        "the service's saturation is the highest throughput among them (default 2,4: a front that "
+        "takes time needs more than two batches in flight to keep the engine busy)",
+    )
     precision_scenario.add_arguments(p)
     api_cpu_scenario.add_arguments(p)
     workers_scenario.add_arguments(p)
@@ -89,9 +96,11 @@ def models(args: argparse.Namespace) -> dict[str, BenchModel]:
 def contexts(args: argparse.Namespace) -> dict[str, BenchContext]:
     base = BenchContext(Path(args.out), args.threads, args.seconds, args.max_batch_size, args.max_wait_ms)
     workers = tuple(w.strip() for w in args.service_workers.split(",") if w.strip())
+    saturation = tuple(int(k) for k in args.saturation.split(",") if k.strip())
     base = replace(base, device=args.device, loadgen=args.loadgen, service_workers=workers or ("auto",))
+    base = replace(base, saturation=saturation or (2,))
     if args.quick:
-        base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True)
+        base = replace(base, seconds=0.3, rates=(0.5, 1.0), mixes=("uniform",), quick=True, saturation=(2,))
         return {"demo": base, "r50": base}  # models' warm-up shortened in run()
     # resnet50: compute-bound, so batch 8 runs as fast per image as 32 (and warms up 4x sooner)
     r50 = replace(

@@ -40,6 +40,7 @@ class BenchContext:
     device: str = "cpu"  # cuda: the engine and the servers use the CUDA provider (IOBinding)
     loadgen: str = "auto"  # closed-loop saturation (P1): auto, wrk, hey, python (service/bench/wrk.py)
     service_workers: tuple[str, ...] = ("auto",)  # P1, P5: the server's --workers values, in one run
+    saturation: tuple[int, ...] = (2, 4)  # P1: clients in flight, x the max batch size; the best is P1
 
     def workers_args(self, workers: str) -> tuple[str, ...]:
         """``--workers`` for one of :attr:`service_workers` (none for ``auto``: the server's default)."""

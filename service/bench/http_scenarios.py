@@ -42,6 +42,8 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     for row in rows:
         row["engine_ips_at_max_batch"] = round(ref, 1)
         row["ratio"] = round(row["throughput_rps"] / ref, 3)
+    for row in saturation_rows(rows):
+        row["saturation"] = True
         suffix = "" if row["workers"] == ctx.service_workers[0] else f"_w{row['workers']}"
         figure[("P1_tensor" if row["route"].startswith("/v2") else "P1_jpeg") + suffix] = row["ratio"]
     result |= {
@@ -52,7 +54,7 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     }
     cols = ["workers", "route", "tool", "clients", "throughput_rps", "p50_ms", "p99_ms", "mean_trunk_batch"]
     md = report.table(eng["rows"], ["batch_size", "tasks_in_batch", "images_per_s", "call_p50_ms"])
-    md += "\n" + report.table(rows, [*cols, "engine_ips_at_max_batch", "ratio"])
+    md += "\n" + report.table(rows, [*cols, "engine_ips_at_max_batch", "ratio", "saturation"])
     md += f"\nengine at batch {b} before, between and after the runs: {result['engine_samples_at_max_batch']}"
     md += " images/s\n"
     labels = [f"engine bs{r['batch_size']}" for r in eng["rows"]]
@@ -64,9 +66,20 @@ def overhead(ctx: BenchContext, model: BenchModel) -> dict:
     return result
 
 
+def saturation_rows(rows: list[dict]) -> list[dict]:
+    """Per (workers, route), the row of the highest throughput among its client counts: the service's
+    saturation, as a concurrency sweep finds it (Triton's perf_analyzer)."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["workers"], row["route"])
+        if key not in best or row["throughput_rps"] > best[key]["throughput_rps"]:
+            best[key] = row
+    return list(best.values())
+
+
 def _saturated_services(ctx: BenchContext, model: BenchModel) -> tuple[list[dict], list[float]]:
-    """Per ``--service-workers`` value one server, saturated on each route (2 x max batch clients);
-    the engine's images/s at the max batch timed before and after every route."""
+    """Per ``--service-workers`` value one server, loaded on each route by ``ctx.saturation`` x max batch
+    clients in turn; the engine's images/s at the max batch timed before and after every route."""
     m = model.manifest()
     tasks = list(m.tasks)
     b = ctx.max_batch_size
@@ -81,9 +94,9 @@ def _saturated_services(ctx: BenchContext, model: BenchModel) -> tuple[list[dict
                     ("/v2 FP32 tensor", payloads.tensor_requests(m, tasks)),
                     ("/predict JPEG", payloads.jpeg_requests(m, tasks)),
                 ):
-                    rows.append(
-                        {"workers": workers, "route": route} | saturate(ctx, model, port, reqs, 2 * b)
-                    )
+                    for k in ctx.saturation:
+                        load = saturate(ctx, model, port, reqs, k * b)
+                        rows.append({"workers": workers, "route": route} | load | {"saturation": False})
                     samples.append(time_batches(engine, tasks, b, ctx.seconds / 2)[0])
     finally:
         engine.stop()
