@@ -147,3 +147,99 @@ async def test_channel_frames_messages_however_they_are_split():
         assert [m for m, _ in got] == [one, wire.Cancel(1), two] and got[1][1] is None, split
         assert np.array_equal(got[0][1][0], x), split
         assert np.array_equal(got[2][1][0], x * 2) and np.array_equal(got[2][1][1], x * 3), split
+
+
+def _client():
+    from service.channel import Channel
+    from service.engine_client import EngineClient
+
+    client = EngineClient("unused", engine_pid=1)
+    client._chan = Channel(client._on_message, client._lost)
+    client._chan.connection_made(_Transport())
+    return client, client._chan.transport
+
+
+def _sent(transport) -> list:
+    """The messages written so far, decoded (with their tensors' rows)."""
+    from service.channel import Channel
+
+    got: list = []
+
+    def on_message(chan, header, tensor):
+        msg = wire.decode_to_engine(header)
+        got.append((msg, [r.copy() for r in wire.requests_of(msg, tensor)] if tensor is not None else None))
+
+    receiver = Channel(on_message)
+    for chunk in transport.out:
+        receiver.data_received(chunk)
+    return got
+
+
+async def test_the_requests_of_one_turn_travel_in_one_message_and_their_answers_in_one():
+    client, transport = _client()
+    a = np.full((1, 3, 4, 4), 1.0, np.float32)
+    b = np.full((2, 3, 4, 4), 2.0, np.float32)
+    ta = asyncio.ensure_future(client.infer("digits", a, 1, 5.0))
+    tb = asyncio.ensure_future(client.infer("shapes", b, 1, 6.0))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    [(msg, rows)] = _sent(transport)  # one message, one write
+    assert len(transport.out) == 1
+    assert (msg.ids, msg.tasks, msg.gens, msg.deadlines, msg.rows) == (
+        [1, 2],
+        ["digits", "shapes"],
+        [1, 1],
+        [5.0, 6.0],
+        [1, 2],
+    )
+    assert np.array_equal(rows[0], a) and np.array_equal(rows[1], b)
+    probs = np.arange(1 * 10 + 2 * 4, dtype=np.float32)
+    answer = wire.encode(wire.Results("7", [2, 1], [2, 1], [4, 10]))
+    client._on_message(
+        client._chan, memoryview(answer), memoryview(probs[10:].tobytes() + probs[:10].tobytes())
+    )
+    (va, pa), (vb, pb) = await ta, await tb
+    assert va == vb == "7"
+    assert np.array_equal(pa, probs[:10].reshape(1, 10)) and np.array_equal(pb, probs[10:].reshape(2, 4))
+    assert client.pending == {}
+
+
+async def test_a_request_given_up_before_its_turn_ends_is_never_sent():
+    client, transport = _client()
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    coro = client.infer("digits", x, 1, 5.0)
+    coro.send(None)  # queued for this turn's message, waiting for its answer
+    with pytest.raises(asyncio.CancelledError):  # the outer layer's 504 or a client that left
+        coro.throw(asyncio.CancelledError())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert transport.out == [] and client.pending == {}  # no Infer, and no Cancel for it
+
+
+async def test_a_request_given_up_after_it_was_sent_is_cancelled_at_the_engine():
+    client, transport = _client()
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    task = asyncio.ensure_future(client.infer("digits", x, 1, 5.0))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [m for m, _ in _sent(transport)] == [
+        wire.Infer([1], ["digits"], [1], [5.0], [1], (3, 4, 4)),
+        wire.Cancel(1),
+    ]
+
+
+async def test_answers_that_do_not_add_up_fail_their_requests_instead_of_hanging():
+    client, _ = _client()
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    task = asyncio.ensure_future(client.infer("digits", x, 1, 5.0))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    bad = wire.encode(wire.Results("7", [1], [1], [10]))
+    client._on_message(client._chan, memoryview(bad), memoryview(np.zeros(3, np.float32).tobytes()))
+    with pytest.raises(RuntimeError, match="engine"):
+        await task
