@@ -181,8 +181,7 @@ async def test_the_requests_of_one_turn_travel_in_one_message_and_their_answers_
     b = np.full((2, 3, 4, 4), 2.0, np.float32)
     ta = asyncio.ensure_future(client.infer("digits", a, 1, 5.0))
     tb = asyncio.ensure_future(client.infer("shapes", b, 1, 6.0))
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await _turns()
     [(msg, rows)] = _sent(transport)  # one message, one write
     assert len(transport.out) == 1
     assert (msg.ids, msg.tasks, msg.gens, msg.deadlines, msg.rows) == (
@@ -211,22 +210,29 @@ async def test_a_request_given_up_before_its_turn_ends_is_never_sent():
     coro.send(None)  # queued for this turn's message, waiting for its answer
     with pytest.raises(asyncio.CancelledError):  # the outer layer's 504 or a client that left
         coro.throw(asyncio.CancelledError())
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await _turns()
     assert transport.out == [] and client.pending == {}  # no Infer, and no Cancel for it
+
+
+async def _turns(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def _sent_request(client) -> asyncio.Future:
+    """One request of one row, its turn of the loop over (its Infer written)."""
+    task = asyncio.ensure_future(client.infer("digits", np.zeros((1, 3, 4, 4), np.float32), 1, 5.0))
+    await _turns()
+    return task
 
 
 async def test_a_request_given_up_after_it_was_sent_is_cancelled_at_the_engine():
     client, transport = _client()
-    x = np.zeros((1, 3, 4, 4), np.float32)
-    task = asyncio.ensure_future(client.infer("digits", x, 1, 5.0))
-    for _ in range(3):
-        await asyncio.sleep(0)
+    task = await _sent_request(client)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await _turns()
     assert [m for m, _ in _sent(transport)] == [
         wire.Infer([1], ["digits"], [1], [5.0], [1], (3, 4, 4)),
         wire.Cancel(1),
@@ -235,10 +241,7 @@ async def test_a_request_given_up_after_it_was_sent_is_cancelled_at_the_engine()
 
 async def test_answers_that_do_not_add_up_fail_their_requests_instead_of_hanging():
     client, _ = _client()
-    x = np.zeros((1, 3, 4, 4), np.float32)
-    task = asyncio.ensure_future(client.infer("digits", x, 1, 5.0))
-    for _ in range(3):
-        await asyncio.sleep(0)
+    task = await _sent_request(client)
     bad = wire.encode(wire.Results("7", [1], [1], [10]))
     client._on_message(client._chan, memoryview(bad), memoryview(np.zeros(3, np.float32).tobytes()))
     with pytest.raises(RuntimeError, match="engine"):
