@@ -7,7 +7,6 @@ app starts; ``/readyz`` answers 503 until then. Tests pass a fake engine (tests/
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from contract.bundle import load_bundle
 from service import admin, api, errors, oip
 from service.engine import OrtEngine
 from service.engine_types import Engine
+from service.gc_tuning import settle_after_start_up
 from service.hot_path import HotPaths
 from service.outer_layer import OuterLayer
 from service.schemas import PredictJSON, ReloadRequest, V2InferRequest
@@ -113,7 +113,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
-        gc.freeze()  # what start-up built lives on: later collections no longer walk it (see gc docs)
+        settle_after_start_up()  # what start-up built is frozen; young collections past the working set
         try:
             yield
         finally:

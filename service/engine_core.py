@@ -40,6 +40,7 @@ from service.engine_status import (
     StatusBlock,
     watch_supervisor,
 )
+from service.gc_tuning import settle_after_start_up
 from service.schedule import Job
 from service.served_version import ServedVersion
 from service.server_state import Service
@@ -249,6 +250,7 @@ class EngineCore:
         await self._register(self.service.unit)
         self._publish_state()  # the supervisor starts the API processes once this is published
         await self.service.start()  # sessions + warm-up in the background; READY once done
+        settle_after_start_up()
         tasks = [loop.create_task(self._poll())]
         await self.stopping.wait()
         log.info("engine: stopping (finishing every admitted request)")

@@ -287,3 +287,20 @@ async def test_one_small_image_is_decoded_on_the_loop_and_big_ones_in_the_pool()
             before = CountingPool.submitted
             y = await pre(blobs)
             assert CountingPool.submitted - before == more and y.shape[0] == len(blobs)
+
+
+def test_gc_is_settled_for_a_server_after_start_up():
+    """Start-up's objects frozen; the youngest generation collected past the requests' working set."""
+    import gc
+
+    from service.gc_tuning import GEN0_THRESHOLD, settle_after_start_up
+
+    before = gc.get_threshold()
+    keep = [[i] for i in range(1000)]  # objects start-up built
+    try:
+        settle_after_start_up()
+        assert gc.get_threshold() == (max(before[0], GEN0_THRESHOLD), *before[1:])
+        assert gc.get_freeze_count() >= len(keep)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
