@@ -58,6 +58,15 @@ def test_scenarios_answer_every_request(bench_out: Path) -> None:
         assert row["requests"] > 0 and set(row["codes"]) == {"200"}
 
 
+def test_each_p1_ratio_is_over_the_engine_timed_around_its_route(bench_out: Path) -> None:
+    data = json.loads((bench_out / "overhead-demo.json").read_text())
+    samples = data["engine_samples_at_max_batch"]
+    assert len(samples) == len(data["rows"]) + 1  # before, then after each route (one load point each)
+    for i, row in enumerate(data["rows"]):
+        assert row["engine_ips_at_max_batch"] == pytest.approx((samples[i] + samples[i + 1]) / 2, abs=0.2)
+        assert row["ratio"] == pytest.approx(row["throughput_rps"] / row["engine_ips_at_max_batch"], abs=1e-3)
+
+
 def test_service_bench_imports_no_torch() -> None:
     import subprocess
     import sys
