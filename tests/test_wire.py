@@ -246,3 +246,56 @@ async def test_answers_that_do_not_add_up_fail_their_requests_instead_of_hanging
     client._on_message(client._chan, memoryview(bad), memoryview(np.zeros(3, np.float32).tobytes()))
     with pytest.raises(RuntimeError, match="engine"):
         await task
+
+
+async def test_the_engine_answers_a_bulk_message_request_by_request():
+    """One Infer with four requests: the two it can serve come back together in one Results (their own
+    rows), an unknown task and an unserved generation each get their own Failure."""
+    import time
+    from types import SimpleNamespace
+
+    from service.batcher import Batcher
+    from service.channel import Channel
+    from service.engine_core import EngineCore
+    from tests.fakes import FakeEngine, fake_manifest
+
+    m = fake_manifest()
+    batcher = Batcher(FakeEngine(m), list(m.tasks), max_batch_size=8, max_wait_ms=0)
+    batcher.start()
+    core = EngineCore.__new__(EngineCore)  # its message handling alone: no engine process
+    core.units = {1: SimpleNamespace(manifest=m, task=m.task, version="7", batcher=batcher)}
+    core.gen, core.waiting, core._outbox = 1, {}, {}
+    chan = Channel(lambda *a: None)
+    chan.connection_made(_Transport())
+    x = np.random.default_rng(0).random((4, *m.input.size), dtype=np.float32)
+    deadline = time.monotonic() + 10
+    msg = wire.Infer(
+        [1, 2, 3, 4],
+        ["digits", "nope", "shapes", "digits"],
+        [1, 1, 2, 1],
+        [deadline] * 4,
+        [1] * 4,
+        m.input.size,
+    )
+    core._infer(chan, msg, memoryview(x.tobytes()))
+    got: list = []
+
+    def on_message(_, header, tensor):
+        reply = wire.decode_to_api(header)
+        got.append((reply, wire.results_of(reply, tensor) if isinstance(reply, wire.Results) else None))
+
+    receiver, seen = Channel(on_message), 0
+    for _ in range(500):
+        await asyncio.sleep(0.002)
+        for chunk in chan.transport.out[seen:]:
+            receiver.data_received(chunk)
+        seen = len(chan.transport.out)
+        if any(isinstance(r, wire.Results) for r, _ in got):
+            break
+    await batcher.stop()
+    failures = {r.id: r.kind for r, _ in got if isinstance(r, wire.Failure)}
+    assert failures == {2: "UnknownTask", 3: "NotReady"}
+    [(results, outs)] = [(r, o) for r, o in got if isinstance(r, wire.Results)]
+    assert (results.version, results.ids, results.rows, results.widths) == ("7", [1, 4], [1, 1], [10, 10])
+    assert all(np.isclose(o.sum(), 1.0) for o in outs) and not np.allclose(outs[0], outs[1])
+    assert core.waiting == {}
