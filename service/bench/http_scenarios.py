@@ -97,9 +97,11 @@ def _saturated_services(ctx: BenchContext, model: BenchModel) -> tuple[list[dict
                     points = [saturate(ctx, model, port, reqs, k * b) for k in ctx.saturation]
                     samples.append(time_batches(engine, tasks, b, ctx.seconds / 2)[0])
                     around = round(float(np.mean(samples[-2:])), 1)  # the engine before and after
-                    for load in points:
-                        rows.append({"workers": workers, "route": route, **load, "saturation": False})
-                        rows[-1]["engine_ips_at_max_batch"] = around
+                    rows += [
+                        {"workers": workers, "route": route, **load, "saturation": False}
+                        | {"engine_ips_at_max_batch": around}
+                        for load in points
+                    ]
     finally:
         engine.stop()
     return rows, samples
