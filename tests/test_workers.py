@@ -136,6 +136,40 @@ def test_one_batcher_mixes_the_requests_of_every_api_process(emulated):
     assert mixed - (metric(before, "mtserve_batch_tasks_count") - metric(before, single)) >= 1
 
 
+def connections_by_pid(port: int, pids: list[int]) -> dict[int, int]:
+    """Established connections to ``port`` held by each process (/proc/net/tcp inodes in its fds)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # local port, ESTABLISHED
+            inodes.add(fields[9])
+    out = {}
+    for pid in pids:
+        links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir() if f.is_symlink()]
+        out[pid] = sum(link[len("socket:[") : -1] in inodes for link in links if link.startswith("socket:["))
+    return out
+
+
+def test_connections_opened_together_spread_over_the_api_processes(emulated):
+    """64 keep-alive connections opened at once (a load balancer's pool): each API process holds a
+    fair part of them (a socket each on the port; one shared socket gave 0 / 128 in some runs)."""
+    proc, url = emulated
+    port = int(url.rsplit(":", 1)[1])
+    apis = [pid for role, pid in children(proc.pid).items() if role.startswith("api")]
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+    try:
+        for s in socks:  # an answer on each: every connection has been accepted by now
+            s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        for s in socks:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        held = connections_by_pid(port, apis)
+        assert sum(held.values()) == 64, held
+        assert min(held.values()) >= 16, held  # a hash of the addresses: 32 +- 4 (below 16: p < 1e-4)
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_a_client_that_leaves_is_not_computed(emulated):
     """Queued in the engine behind a busy batch, its client leaves: 499, its row never computed."""
     _, url = emulated
@@ -339,3 +373,25 @@ def test_every_process_runs_the_supervisors_code(tiny_bundle, tmp_path):
         assert r.status_code == 200
         for pid in children(proc.pid).values():
             assert "-P" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def test_bind_gives_each_api_process_a_socket_on_one_port():
+    """``--port 0``: the first socket picks the port, the others join it; a port taken by another
+    server fails the whole bind and leaves nothing open."""
+    from service.settings import Settings
+    from service.supervisor import bind
+
+    socks = bind(Settings(bundle=Path("b"), host="127.0.0.1", port=0), 3)
+    try:
+        ports = {s.getsockname()[1] for s in socks}
+        assert len(socks) == 3 and len(ports) == 1
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks)
+        with pytest.raises(OSError):  # taken without SO_REUSEPORT by someone else
+            other = socket.create_server(("127.0.0.1", 0))
+            try:
+                bind(Settings(bundle=Path("b"), host="127.0.0.1", port=other.getsockname()[1]), 2)
+            finally:
+                other.close()
+    finally:
+        for s in socks:
+            s.close()
