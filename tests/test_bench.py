@@ -92,6 +92,67 @@ def test_the_workers_figure_names_what_two_busy_cpus_were_worth() -> None:
     assert "1.21 / 1.87 CPUs" in _capacity_line(c)
 
 
+def test_the_workers_figure_is_each_layouts_peak_over_the_connection_counts() -> None:
+    """Each server's throughput is its best median over the connection counts (one layout saturates at
+    fewer connections than another); the ratio is of those peaks; every point stays in the rows."""
+    from service.bench.api_cpu import Target
+    from service.bench.workers import _rows
+
+    def rounds(*points):
+        return [{"concurrency": c, "rps": rps, "front_ms": 0.2, "engine_ms": 0.03, "codes": {"200": 9},
+                 "tool": "wrk"} for c, rps in points]  # fmt: skip
+
+    one = Target("workers=1", [], rounds=rounds((128, 4000), (128, 4200), (128, 4100), (512, 3900)))
+    two = Target("workers=2", [], rounds=rounds((128, 6000), (512, 7600), (512, 8000), (512, 9000)))
+    rows = _rows([one, two])
+    assert [(r["server"], r["connections"], r["rps"], r["peak"]) for r in rows] == [
+        ("workers=1", 128, 4100, True),
+        ("workers=1", 512, 3900, False),
+        ("workers=2", 128, 6000, False),
+        ("workers=2", 512, 8000, True),  # the median of its three rounds
+    ]
+    assert [r["x_first"] for r in rows] == [
+        1.0,
+        round(3900 / 4100, 3),
+        round(6000 / 4100, 3),
+        round(8000 / 4100, 3),
+    ]
+
+
+def test_interleaved_rounds_measure_each_server_at_every_connection_count(monkeypatch) -> None:
+    """Several connection counts: every round measures every server at each, both orders rotating."""
+    import argparse
+    import contextlib
+
+    from service.bench import api_cpu
+
+    seen = []
+    monkeypatch.setattr(
+        api_cpu.server, "running", lambda *a, **k: contextlib.nullcontext(argparse.Namespace(pid=1))
+    )
+    monkeypatch.setattr(api_cpu, "load", lambda *a, **k: None)
+
+    def measure(t, port, pid, args, *rest):
+        seen.append((t.name, args.concurrency))
+        return {"rps": 1.0}
+
+    monkeypatch.setattr(api_cpu, "measure", measure)
+    targets = [api_cpu.Target("a", ["x"]), api_cpu.Target("b", ["x"])]
+    args = argparse.Namespace(requests=100, rounds=2, loadgen="python")
+    api_cpu.interleaved(targets, args, [128, 512], "/p", b"png", "rps", "{}")
+    assert seen == [
+        ("a", 128),
+        ("a", 512),
+        ("b", 128),
+        ("b", 512),
+        ("b", 512),
+        ("b", 128),
+        ("a", 512),
+        ("a", 128),
+    ]
+    assert [r["concurrency"] for r in targets[0].rounds] == [128, 512, 512, 128]
+
+
 def test_idle_overhead_is_taken_over_the_engine_met_after_the_same_pause() -> None:
     """P5 subtracts the engine's batch-1 p50 after the client's pause (an idle engine is slower than a
     busy one); the back-to-back figure stays beside it; the HTTP floor subtracts nothing."""

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,10 +208,14 @@ def targets_of(args, bundle: Path) -> list[Target]:
     return [*out, raw(bundle, inline=False), raw(bundle, inline=True)]
 
 
-def interleaved(targets: list[Target], args, concurrency: int, path: str, body: bytes, key: str, fmt: str):
+def interleaved(
+    targets: list[Target], args, concurrency: int | Sequence[int], path: str, body: bytes, key: str, fmt: str
+):
     """Start every target, warm each up, then measure them in rounds whose order rotates (so the
-    machine's background load falls on all of them alike); each round is appended to ``t.rounds``."""
-    load_args = argparse.Namespace(**{**vars(args), "concurrency": concurrency})
+    machine's background load falls on all of them alike); each round is appended to ``t.rounds``.
+    Several ``concurrency`` values: each round measures every target at each of them (in an order
+    that rotates too), the value in the round's ``concurrency``."""
+    levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         png = Path(tmp) / "image.png"
         png.write_bytes(body)
@@ -219,12 +224,15 @@ def interleaved(targets: list[Target], args, concurrency: int, path: str, body: 
             port = server.free_port()
             cmd = [a.replace("{port}", str(port)) for a in t.cmd]
             proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
-            load(port, path, body, max(200, args.requests // 10), concurrency, png, args.loadgen)  # warm-up
+            load(port, path, body, max(200, args.requests // 10), levels[0], png, args.loadgen)  # warm-up
             started.append((t, port, proc.pid))
         for r in range(args.rounds):
             for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
-                t.rounds.append(measure(t, port, pid, load_args, path, body, png))
-                print(f"round {r + 1} {t.name}: {fmt.format(t.rounds[-1][key])}", flush=True)
+                for c in levels[r % len(levels) :] + levels[: r % len(levels)]:
+                    load_args = argparse.Namespace(**{**vars(args), "concurrency": c})
+                    t.rounds.append(measure(t, port, pid, load_args, path, body, png) | {"concurrency": c})
+                    at = f" at {c} connections" if len(levels) > 1 else ""
+                    print(f"round {r + 1} {t.name}{at}: {fmt.format(t.rounds[-1][key])}", flush=True)
 
 
 def run_api_cpu(args) -> dict:
