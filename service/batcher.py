@@ -255,7 +255,7 @@ class Batcher:
         try:
             if error is not None:
                 raise error
-            live, probs = result
+            live, probs, runs = result
         except Exception as exc:
             log.error("batch of %d rows failed", batch.rows, exc_info=exc)
             for job, _, _ in batch.slices:
@@ -263,6 +263,8 @@ class Batcher:
                     job.future.set_exception(exc)
         else:
             self._deliver(live, probs)
+            if self.observe_segments is not None and runs:
+                self.observe_segments(runs)  # here on the loop: buffered with the per-request updates
             for job in batch.expired:
                 if not job.future.done():
                     job.future.set_exception(DeadlineExceeded("deadline passed before its batch ran"))
@@ -273,9 +275,9 @@ class Batcher:
                 self._free_since = time.monotonic()
             self._wakeup.set()  # the engine is free: a waiting batch may go
 
-    def _compute(self, batch: Batch) -> tuple[list[tuple[Job, int, int]], list[np.ndarray]]:
+    def _compute(self, batch: Batch) -> tuple[list[tuple[Job, int, int]], list[np.ndarray], list[SegmentRun]]:
         """Runs in the executor thread: drop jobs abandoned while the batch waited, mark the rest
-        started, concatenate, infer, softmax."""
+        started, concatenate, infer, softmax; the segments' runs go back to the loop for the metrics."""
         now = time.monotonic()
         with self._lock:
             for job, _, _ in batch.slices:  # past its deadline and not started: never computed
@@ -286,14 +288,12 @@ class Batcher:
             for job, _, _ in live:
                 job.started = True
         if not live:
-            return live, []
+            return live, [], []
         parts = [job.x[a:b] for job, a, b in live]
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         tasks = [job.task for job, a, b in live for _ in range(b - a)]
         logits, runs = self.engine.infer(x, tasks)
-        if self.observe_segments is not None:
-            self.observe_segments(runs)
-        return live, softmax_rows(logits, tasks)
+        return live, softmax_rows(logits, tasks), runs
 
     @staticmethod
     def _deliver(slices: list[tuple[Job, int, int]], probs: list[np.ndarray]) -> None:

@@ -365,3 +365,24 @@ async def test_admission_rejects_before_the_body_is_read_and_submit_agrees():
     adm.draining = True
     with pytest.raises(NotReady):
         adm.check()
+
+
+async def test_segment_metrics_are_observed_on_the_loop_after_the_rows_are_delivered():
+    """The segments' runs of a batch reach the observer on the event loop's thread (where the metric
+    buffer batches them), once the batch's requests have their rows."""
+    import threading
+
+    seen: list[tuple[int, list[str], bool]] = []
+    jobs = []
+
+    def observe(runs) -> None:
+        seen.append((threading.get_ident(), [r.segment for r in runs], all(j.future.done() for j in jobs)))
+
+    b, engine = make(max_batch_size=4, max_wait_ms=0, observe_segments=observe)
+    jobs += [b.submit(t, rows(1), far()) for t in TASKS]
+    await asyncio.wait_for(asyncio.gather(*(b.wait(j) for j in jobs)), 5)
+    await until(lambda: len(seen) == len(engine.calls))
+    assert seen and all(tid == threading.get_ident() for tid, _, _ in seen)
+    assert all(segments == [s.name for s in engine.manifest.segments] for _, segments, _ in seen)
+    assert seen[-1][2]  # the rows were delivered first
+    await b.stop()
