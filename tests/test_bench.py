@@ -244,3 +244,14 @@ def test_saturation_flag_reaches_the_context(tmp_path) -> None:
     assert ctx.saturation == (2, 4, 8)
     quick = contexts(p.parse_args(["overhead", "--out", str(tmp_path), "--quick"]))["demo"]
     assert quick.saturation == (2,)  # the smoke run: one load point per route
+
+
+@pytest.mark.parametrize("text", ["", "12x", "0", "128,-1", ","])
+def test_workers_connection_counts_refuse_what_is_not_a_list_of_counts(text) -> None:
+    import argparse
+
+    from service.bench.workers import connection_counts
+
+    with pytest.raises(argparse.ArgumentTypeError, match="connection counts"):
+        connection_counts(text)
+    assert connection_counts("128, 512") == [128, 512]

@@ -31,9 +31,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emulate-device-ms", type=float, default=2.0, help="workers: ms per emulated batch")
     g.add_argument(
         "--workers-concurrency",
+        type=connection_counts,
         default="128,256,512",
         help="workers: connections, a list (each --workers value's figure is its best: its saturation)",
     )
+
+
+def connection_counts(text: str) -> list[int]:
+    """``128,256,512`` -> [128, 256, 512] (argparse: a one-line error otherwise)."""
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of connection counts >= 1")
+    return counts
 
 
 def supported() -> str | None:
@@ -100,7 +112,7 @@ def run_workers(args) -> dict:
     task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
     body, path = api_cpu.demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
     values = [int(v) for v in args.workers_list.split(",")]
-    levels = [int(v) for v in str(args.workers_concurrency).split(",")]
+    levels = list(args.workers_concurrency)
     targets = [_target(bundle, w, args) for w in values]
     result = {
         "scenario": "workers",
