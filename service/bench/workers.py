@@ -8,7 +8,7 @@ connection count of ``--workers-concurrency`` (a list), ``--requests`` single-im
 the CPU per request outside the engine process (service/bench/proc_cpu.py). A server's throughput is
 its best median over the connection counts (its saturation: as P1's ``--saturation``; one layout
 peaks at fewer connections than another: measured here, one API process at 64 to 512 connections
-within noise, two from 3,750-4,100 requests/s at 64 to 6,900-8,350 at 512). The figure: that
+within noise, two from 4,600-5,100 requests/s at 64 to 6,900-8,350 at 512). The figure: that
 throughput per workers value and its ratio to the first value's (1 worker by default); every point is
 in the table.
 """
