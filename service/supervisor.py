@@ -56,8 +56,11 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 def bind(settings: Settings, n: int = 1) -> list[socket.socket]:
     """One listening socket per API process, all on the port (``SO_REUSEPORT``: the kernel spreads
-    the connections over them)."""
+    the connections over them); one socket for all where the system has no ``SO_REUSEPORT``."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    if n > 1 and not reuse_port_works(family):
+        log.warning("SO_REUSEPORT is not available: the %d API processes share one socket", n)
+        n = 1
     socks: list[socket.socket] = []
     port = settings.port
     try:
@@ -71,6 +74,18 @@ def bind(settings: Settings, n: int = 1) -> list[socket.socket]:
             sock.close()
         raise
     return socks
+
+
+def reuse_port_works(family: socket.AddressFamily) -> bool:
+    """Whether sockets of ``family`` take ``SO_REUSEPORT`` here (some sandboxes and systems refuse it)."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return True
+    except OSError:
+        return False
 
 
 def child_env(settings: Settings, run: Path) -> dict[str, str]:
@@ -133,11 +148,12 @@ class Supervisor:
         if (code := self._engine_verified()) is not None:
             log.error("the engine process exited with %d before serving", code)
             return code
-        for i, sock in enumerate(socks):
-            fd = sock.fileno()
+        for i in range(self.n):
+            fd = socks[i % len(socks)].fileno()  # one socket for all where SO_REUSEPORT is missing
             self.apis.append(self._spawn("api", "--index", str(i), "--fd", str(fd), fds=(fd,)))
             self.block.set_api_pid(i, self.apis[-1].pid)
-            sock.close()  # its API process holds it: once all have closed theirs, connections are refused
+        for sock in socks:
+            sock.close()  # the API processes hold them: once all have closed theirs, connections are refused
         log.info("serving on %s:%d: engine pid %d, %d API process(es)", self.settings.host,
                  self.settings.port, self.engine.pid, self.n)  # fmt: skip
         return self._watch()

@@ -395,3 +395,26 @@ def test_bind_gives_each_api_process_a_socket_on_one_port():
     finally:
         for s in socks:
             s.close()
+
+
+def test_without_so_reuseport_the_api_processes_share_one_socket(tiny_bundle, tmp_path, monkeypatch):
+    """A system that refuses ``SO_REUSEPORT``: bind gives one socket, and a server with two API
+    processes still starts on it, answers, and says why in its log."""
+    import service.supervisor as supervisor
+    from service.settings import Settings
+
+    monkeypatch.setattr(supervisor, "reuse_port_works", lambda family: False)
+    socks = supervisor.bind(Settings(bundle=Path("b"), host="127.0.0.1", port=0), 3)
+    assert len(socks) == 1
+    socks[0].close()
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import socket\ndel socket.SO_REUSEPORT\n")
+    env = {"PYTHONPATH": str(site)}
+    with serve(tiny_bundle, "--workers", "2", env=env) as (proc, url, log):
+        assert set(children(proc.pid)) == {"engine", "api-0", "api-1"}
+        headers = {"content-type": "image/png"}
+        r = httpx.post(url + "/predict/digits", content=png(1), headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        assert "SO_REUSEPORT is not available" in log.read_text()
