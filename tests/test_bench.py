@@ -255,3 +255,36 @@ def test_workers_connection_counts_refuse_what_is_not_a_list_of_counts(text) -> 
     with pytest.raises(argparse.ArgumentTypeError, match="connection counts"):
         connection_counts(text)
     assert connection_counts("128, 512") == [128, 512]
+
+
+def test_bench_workers_sends_at_least_16_requests_a_connection_in_a_round(tiny_bundle, tmp_path, monkeypatch):
+    """A round of a few requests per connection is mostly wrk opening and closing: --requests is raised
+    to 16 per connection of the largest count, and the configuration records what was sent."""
+    import argparse
+
+    from service.bench import api_cpu, machine, workers
+
+    sent = []
+
+    def interleaved(targets, args, levels, *rest):
+        sent.append((args.requests, list(levels)))
+        for t in targets:
+            row = {"rps": 1.0, "front_ms": 0.2, "engine_ms": 0.03, "codes": {"200": 1}, "tool": "wrk"}
+            t.rounds += [row | {"concurrency": c} for c in levels]
+
+    monkeypatch.setattr(api_cpu, "interleaved", interleaved)
+    monkeypatch.setattr(machine, "contention", lambda: {"pair_capacity": 2.0})
+    monkeypatch.setattr(workers.wrk, "pick", lambda tool, one_body: "wrk")
+    p = argparse.ArgumentParser()
+    workers.add_arguments(p)
+    api_cpu.add_arguments(p)
+    p.add_argument("--demo")
+    p.add_argument("--out")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--loadgen", default="auto")
+    common = ["--demo", str(tiny_bundle), "--out", str(tmp_path), "--workers-list", "1,2"]
+    result = workers.run_workers(p.parse_args([*common, "--workers-concurrency", "64,512"]))
+    assert sent[-1] == (16 * 512, [64, 512]) and result["config"]["requests"] == 16 * 512
+    workers.run_workers(p.parse_args([*common, "--workers-concurrency", "8", "--requests", "3000"]))
+    assert sent[-1] == (3000, [8])  # enough already: unchanged

@@ -24,6 +24,8 @@ from service.bench import api_cpu, machine, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
+PER_CONNECTION = 16  # requests per connection in a round, at least (--requests is raised to it)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workers scenario")
@@ -113,6 +115,10 @@ def run_workers(args) -> dict:
     body, path = api_cpu.demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
     values = [int(v) for v in args.workers_list.split(",")]
     levels = list(args.workers_concurrency)
+    if args.requests < PER_CONNECTION * max(levels):  # a round of a few requests per connection is
+        # mostly wrk's start and end (every connection opening, the last ones finishing alone)
+        args.requests = PER_CONNECTION * max(levels)
+        print(f"bench workers: {args.requests} requests a round ({PER_CONNECTION} a connection)", flush=True)
     targets = [_target(bundle, w, args) for w in values]
     result = {
         "scenario": "workers",
