@@ -63,6 +63,8 @@ def bind(settings: Settings, n: int = 1) -> list[socket.socket]:
         n = 1
     socks: list[socket.socket] = []
     port = settings.port
+    if n > 1:  # the port must be free: SO_REUSEPORT alone would join another server's sockets on it
+        port = _free_port(settings.host, port, family)
     try:
         for _ in range(max(1, n)):
             sock = socket.create_server((settings.host, port), family=family, backlog=2048, reuse_port=n > 1)
@@ -74,6 +76,15 @@ def bind(settings: Settings, n: int = 1) -> list[socket.socket]:
             sock.close()
         raise
     return socks
+
+
+def _free_port(host: str, port: int, family: socket.AddressFamily) -> int:
+    """``port`` (a free one for 0) if nothing listens on it, as a plain bind decides; OSError if taken
+    (by anything, another mtserve's ``SO_REUSEPORT`` group included)."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server: TIME_WAIT is fine
+        probe.bind((host, port))
+        return probe.getsockname()[1]
 
 
 def reuse_port_works(family: socket.AddressFamily) -> bool:

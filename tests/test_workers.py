@@ -377,7 +377,8 @@ def test_every_process_runs_the_supervisors_code(tiny_bundle, tmp_path):
 
 def test_bind_gives_each_api_process_a_socket_on_one_port():
     """``--port 0``: the first socket picks the port, the others join it; a port taken by another
-    server fails the whole bind and leaves nothing open."""
+    server (another mtserve's sockets too, which SO_REUSEPORT alone would join) fails the whole bind
+    and leaves nothing open."""
     from service.settings import Settings
     from service.supervisor import bind
 
@@ -392,6 +393,8 @@ def test_bind_gives_each_api_process_a_socket_on_one_port():
                 bind(Settings(bundle=Path("b"), host="127.0.0.1", port=other.getsockname()[1]), 2)
             finally:
                 other.close()
+        with pytest.raises(OSError):  # taken by another server's sockets: not joined
+            bind(Settings(bundle=Path("b"), host="127.0.0.1", port=ports.pop()), 2)
     finally:
         for s in socks:
             s.close()
