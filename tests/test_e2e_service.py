@@ -160,6 +160,9 @@ def test_cross_task_batches_equal_requests_alone_then_graceful_shutdown(server):
     assert proc.wait(timeout=30) == 0
 
 
+RACE_S = 1.0  # how long before SIGTERM a request may still meet a closing idle connection (a loaded host)
+
+
 def test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bundle):
     """SIGTERM while 16 clients keep sending: every request is answered 200 or 503 ("shutting down")
     until the listener closes (after that: refused or closed connections, never another status);
@@ -211,10 +214,16 @@ def test_sigterm_under_load_answers_every_admitted_request_then_exits_0(tiny_bun
         log, t_sig, queued = asyncio.run(scenario())
         assert proc.wait(timeout=30) == 0
         assert queued >= 4
-        before = [out for sent, _, out in log if sent < t_sig]
-        assert all(out == (200, "") or (out[0] == 503 and "shutting down" in out[1]) for out in before), (
-            before
-        )
+        # sent before SIGTERM: answered; but a request the client began just before it may reach an idle
+        # keep-alive connection after the server closed it (RFC 9112 9.6's race: never read, never
+        # admitted; seen once in CI under load), so a transport error is allowed in that last moment only
+        before = [(sent, out) for sent, _, out in log if sent < t_sig]
+        assert all(
+            out == (200, "")
+            or (isinstance(out, tuple) and out[0] == 503 and "shutting down" in out[1])
+            or (isinstance(out, httpx.TransportError) and sent > t_sig - RACE_S)
+            for sent, out in before
+        ), [(round(sent - t_sig, 3), out) for sent, out in before]
         in_flight = [out for sent, done, out in log if sent < t_sig < done]
         assert sum(out == (200, "") for out in in_flight) >= 1, in_flight  # queued at SIGTERM: answered
         for _, _, out in log:
