@@ -115,10 +115,11 @@ def run_workers(args) -> dict:
     body, path = api_cpu.demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
     values = [int(v) for v in args.workers_list.split(",")]
     levels = list(args.workers_concurrency)
-    if args.requests < PER_CONNECTION * max(levels):  # a round of a few requests per connection is
-        # mostly wrk's start and end (every connection opening, the last ones finishing alone)
-        args.requests = PER_CONNECTION * max(levels)
-        print(f"bench workers: {args.requests} requests a round ({PER_CONNECTION} a connection)", flush=True)
+    # a round of a few requests per connection is mostly wrk's start and end (every connection
+    # opening, the last ones finishing alone): at least PER_CONNECTION each, the caller's args untouched
+    if args.requests < (least := PER_CONNECTION * max(levels)):
+        print(f"bench workers: {least} requests a round ({PER_CONNECTION} a connection)", flush=True)
+        args = argparse.Namespace(**{**vars(args), "requests": least})
     targets = [_target(bundle, w, args) for w in values]
     result = {
         "scenario": "workers",
