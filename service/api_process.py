@@ -12,6 +12,7 @@ import uvicorn
 from service.app import create_app
 from service.engine_status import StatusBlock
 from service.front_service import FrontService
+from service.row_arena import RowArena
 from service.settings import Settings
 
 log = logging.getLogger("mtserve.api")
@@ -25,10 +26,11 @@ def serve_api(
     sock: socket.socket,
     log_level: str = "info",
     access_log: bool = False,
+    arena: RowArena | None = None,
 ) -> int:
     """Serve until SIGTERM (drain: 503 to new requests, every admitted one answered) or until the engine
     or the supervisor dies (exit 1, once what is pending has been answered 503)."""
-    front = FrontService(settings, block, endpoint, index)
+    front = FrontService(settings, block, endpoint, index, arena)
     app = create_app(settings, service=front)  # type: ignore[arg-type]
     fatal: list[str] = []
 

@@ -2,7 +2,9 @@
 
 Every request gets an id and a future; the connection's protocol (service/channel.py) resolves them
 as answers come back. The requests of one turn of the loop go in one :class:`~service.wire.Infer`
-(their rows written from their own arrays, not copied), sent at the end of that turn.
+(their rows written from their own arrays, not copied), sent at the end of that turn. With an arena
+(service/row_arena.py) the rows are copied into shared memory instead and the message says where;
+their block is freed once the request is answered or given up.
 A request whose client leaves, or whose waiter is cancelled (the outer layer's 504), sends a
 :class:`~service.wire.Cancel`: the engine abandons the job if it has not started computing.
 The engine's pid is watched (``pidfd_open`` on the event loop): if the engine process dies, every
@@ -24,6 +26,7 @@ from contract.errors import ClientClosed, NotReady
 from service import wire
 from service.channel import Channel
 from service.client_watch import Leaving
+from service.row_arena import RowArena
 
 log = logging.getLogger("mtserve.engine_client")
 ENGINE_DIED = "the engine process exited; the server is restarting"
@@ -32,15 +35,24 @@ ENGINE_DIED = "the engine process exited; the server is restarting"
 class EngineClient:
     """``infer`` and ``call`` over the wire; ``on_death(reason)`` is called once if the engine dies."""
 
-    def __init__(self, endpoint: str, engine_pid: int, on_death: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        engine_pid: int,
+        on_death: Callable[[str], None] | None = None,
+        arena: RowArena | None = None,
+        index: int = 0,
+    ):
         self.endpoint = endpoint
+        self.arena = arena
+        self.index = index
         self.engine_pid = engine_pid
         self.on_death = on_death
         self.pending: dict[int, asyncio.Future] = {}
         self.dead: str | None = None
         self._ids = itertools.count(1)
         self._chan: Channel | None = None
-        self._unsent: dict[int, tuple[str, int, float, np.ndarray]] = {}  # this turn's requests, by id
+        self._unsent: dict[int, tuple[str, int, float, np.ndarray, int | None]] = {}  # this turn's, by id
         self._pidfd: int | None = None
 
     async def start(self) -> None:
@@ -52,6 +64,8 @@ class EngineClient:
         except OSError:  # no engine listening: it is gone
             self._died()
             return
+        if self.arena is not None:
+            self._send(wire.Hello(self.index))
         try:
             self._pidfd = os.pidfd_open(self.engine_pid)
         except ProcessLookupError:
@@ -105,9 +119,14 @@ class EngineClient:
         rid, fut = self._open()
         if not self._unsent:
             asyncio.get_running_loop().call_soon(self._send_requests)
-        self._unsent[rid] = (task, gen, deadline, x)
-        stop = leaving(functools.partial(self._client_left, rid)) if leaving is not None else None
+        offset = None
+        if self.arena is not None:
+            x = np.ascontiguousarray(x, dtype=wire.DTYPE)
+            offset = self.arena.put(x)
+        self._unsent[rid] = (task, gen, deadline, x, offset)
+        stop = None
         try:
+            stop = leaving(functools.partial(self._client_left, rid)) if leaving is not None else None
             return await fut
         finally:
             if stop is not None:
@@ -115,23 +134,26 @@ class EngineClient:
             unanswered = self.pending.pop(rid, None) is not None and self.dead is None
             if unanswered and self._unsent.pop(rid, None) is None:  # drop it (if sent already)
                 self._send(wire.Cancel(rid))
+            if offset is not None:  # answered or given up: the engine reads it no more for this request
+                self.arena.free(offset)  # type: ignore[union-attr]
 
     def _send_requests(self) -> None:
         """This turn's requests: one :class:`~service.wire.Infer` per row shape (one, but for a reload
-        that changes the input size), each request's rows a part of its frame."""
+        that changes the input size) and per way (in the arena, or each request's rows a part of the
+        message's frame)."""
         unsent, self._unsent = self._unsent, {}
         if not unsent or self.dead is not None:
             return
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for rid, (_, _, _, x) in unsent.items():
-            by_shape.setdefault(x.shape[1:], []).append(rid)
-        for shape, ids in by_shape.items():
+        groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
+        for rid, (_, _, _, x, offset) in unsent.items():
+            groups.setdefault((x.shape[1:], offset is not None), []).append(rid)
+        for (shape, in_arena), ids in groups.items():
             reqs = [unsent[rid] for rid in ids]
             msg = wire.Infer(
                 ids, [r[0] for r in reqs], [r[1] for r in reqs], [r[2] for r in reqs],
-                [len(r[3]) for r in reqs], shape,
+                [len(r[3]) for r in reqs], shape, [r[4] for r in reqs] if in_arena else None,
             )  # fmt: skip
-            self._send(msg, [wire.tensor_frame(r[3]) for r in reqs])
+            self._send(msg, None if in_arena else [wire.tensor_frame(r[3]) for r in reqs])
         self._chan.flush()  # type: ignore[union-attr]  # written now, not one more turn later
 
     def _client_left(self, rid: int) -> None:

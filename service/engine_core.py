@@ -53,8 +53,12 @@ POLL_S = 0.01  # how often the engine looks at the API processes' generations an
 class EngineCore:
     """Built in the engine process (verifies the bundle: BundleError), then :meth:`run`."""
 
-    def __init__(self, settings: Settings, block: StatusBlock, endpoint: str):
+    def __init__(
+        self, settings: Settings, block: StatusBlock, endpoint: str, arenas: list[np.ndarray] | None = None
+    ):
         self.settings = settings
+        self.arenas = arenas or []  # per API process, its rows' shared memory (float32, read-only)
+        self.arena_of: dict[Channel, np.ndarray] = {}  # by connection, once its Hello named the process
         self.block = block
         self.endpoint = endpoint
         self.service = Service(settings, build_engine(settings), self._fatal, partial(build_engine, settings))
@@ -157,7 +161,7 @@ class EngineCore:
     def _infer(self, chan: Channel, msg: wire.Infer, tensor: memoryview | None) -> None:
         """Queue every request of the message (each failure answered on its own)."""
         try:
-            xs = wire.requests_of(msg, tensor)
+            xs = wire.requests_of(msg, tensor, self.arena_of.get(chan))
         except Exception as exc:
             for rid in msg.ids:
                 self._send(chan, wire.failure_of(rid, exc))
@@ -213,6 +217,7 @@ class EngineCore:
 
     def _lost(self, chan: Channel) -> None:
         """An API process's connection closed (it exited): its queued jobs are never computed."""
+        self.arena_of.pop(chan, None)
         for key in [k for k in self.waiting if k[0] is chan]:
             unit, job = self.waiting.pop(key)
             unit.batcher.cancel(job)
@@ -225,6 +230,11 @@ class EngineCore:
             return
         if isinstance(msg, wire.Infer):
             self._infer(chan, msg, tensor)
+        elif isinstance(msg, wire.Hello):
+            if 0 <= msg.index < len(self.arenas):
+                self.arena_of[chan] = self.arenas[msg.index]
+            else:
+                log.warning("engine: no arena for API process %d (rows must come by socket)", msg.index)
         elif isinstance(msg, wire.Cancel):
             waiting = self.waiting.pop((chan, msg.id), None)
             if waiting is not None:  # not computed if it has not started

@@ -32,6 +32,7 @@ from service.engine_status import DRAINING, ENGINE_PID, GEN, QUEUED, READY, Stat
 from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
+from service.row_arena import RowArena
 from service.settings import Settings
 
 log = logging.getLogger("mtserve.front")
@@ -95,7 +96,9 @@ class EngineView:
 class FrontService:
     """What the routes need (the :class:`Service` interface), in an API process."""
 
-    def __init__(self, settings: Settings, block: StatusBlock, endpoint: str, index: int):
+    def __init__(
+        self, settings: Settings, block: StatusBlock, endpoint: str, index: int, arena: RowArena | None = None
+    ):
         self.settings = settings
         self.block = block
         self.index = index
@@ -112,7 +115,7 @@ class FrontService:
             self.manifest.input, self.pool, settings.max_pixels, self.metrics.observe_preprocess
         )
         self.admission = Admission(settings.timeout_ms, settings.inflight_limit(), block.room, LoopLag())
-        self.client = EngineClient(endpoint, block.ints[ENGINE_PID], self._engine_died)
+        self.client = EngineClient(endpoint, block.ints[ENGINE_PID], self._engine_died, arena, index)
         self.engine_factory = None
         self.on_fatal: Callable[[str], None] | None = None
         self.on_orphaned: Callable[[], None] | None = None  # the supervisor died: exit

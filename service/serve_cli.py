@@ -35,6 +35,7 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--cuda-graphs": ("cuda_graphs", str, "on (default) or off: a CUDA graph per (variant, bucket)"),
     "--workers": ("workers", str, "API processes before one engine process; 0 = one process (default auto)"),
     "--gil-switch-ms": ("gil_switch_ms", float, "GIL switch interval of the engine's process (default 0.5)"),
+    "--rows-shm-mb": ("rows_shm_mb", int, "MiB of shared memory per API process for rows (default 32)"),
     "--emulate-device-ms": ("emulate_device_ms", float, "benchmarks: the engine sleeps per batch instead"),
     "--preprocess-workers": ("preprocess_workers", int, "decode threads (default: the CPUs available)"),
     "--model-dir": ("model_dir", str, "bundles POST /admin/reload may load (default: BUNDLE's parent)"),

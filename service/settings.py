@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         "long its event loop may keep the GIL while the engine's thread waits to start its next onnxruntime "
         "call; Python's default is 5",
     )
+    rows_shm_mb: int = Field(
+        32,
+        ge=0,
+        description="MiB of shared memory per API process for the rows it hands to the engine "
+        "(service/row_arena.py); rows that do not fit travel on the socket; 0 = always the socket",
+    )
     emulate_device_ms: float = Field(
         0.0, ge=0, description="benchmarks: the engine sleeps this long per batch instead of computing"
     )

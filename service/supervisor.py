@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from service import row_arena
 from service.engine_status import SUPERVISOR_PID_ENV, StatusBlock
 from service.settings import Settings
 
@@ -76,6 +77,23 @@ def bind(settings: Settings, n: int = 1) -> list[socket.socket]:
             sock.close()
         raise
     return socks
+
+
+def make_arenas(settings: Settings, n: int) -> list[int]:
+    """The API processes' shared memory for rows (service/row_arena.py): one memfd each, ``rows_shm_mb``
+    MiB; none (the socket carries the rows) where it is 0 or the system refuses."""
+    if settings.rows_shm_mb <= 0:
+        return []
+    fds: list[int] = []
+    try:
+        for _ in range(n):
+            fds.append(row_arena.create(settings.rows_shm_mb * row_arena.MIB))
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        log.warning("no shared memory for rows (%s): they travel on the socket", exc)
+        return []
+    return fds
 
 
 def _free_port(host: str, port: int, family: socket.AddressFamily) -> int:
@@ -129,6 +147,7 @@ class Supervisor:
         self.common = ["--run-dir", str(run), "--log-level", log_level] + (
             ["--access-log"] if access_log else []
         )
+        self.arenas = make_arenas(settings, self.n)  # one per API process, or none
         self.stop_signal: int | None = None
         self.engine: subprocess.Popen | None = None
         self.apis: list[subprocess.Popen] = []
@@ -137,6 +156,11 @@ class Supervisor:
     def _spawn(self, role: str, *args: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
         cmd = [*interpreter(), "-m", "service.supervisor", role, *args, *self.common]
         return subprocess.Popen(cmd, env=self.env, pass_fds=fds, start_new_session=True)
+
+    def close_arenas(self) -> None:
+        for fd in self.arenas:
+            os.close(fd)
+        self.arenas = []
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -155,16 +179,20 @@ class Supervisor:
     def run(self, socks: list[socket.socket]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.engine = self._spawn("engine")
+        arenas = ["--arenas", ",".join(map(str, self.arenas))] if self.arenas else []
+        self.engine = self._spawn("engine", *arenas, fds=tuple(self.arenas))
         if (code := self._engine_verified()) is not None:
             log.error("the engine process exited with %d before serving", code)
             return code
         for i in range(self.n):
             fd = socks[i % len(socks)].fileno()  # one socket for all where SO_REUSEPORT is missing
-            self.apis.append(self._spawn("api", "--index", str(i), "--fd", str(fd), fds=(fd,)))
+            arena = ("--arena", str(self.arenas[i])) if self.arenas else ()
+            fds = (fd, self.arenas[i]) if self.arenas else (fd,)
+            self.apis.append(self._spawn("api", "--index", str(i), "--fd", str(fd), *arena, fds=fds))
             self.block.set_api_pid(i, self.apis[-1].pid)
         for sock in socks:
             sock.close()  # the API processes hold them: once all have closed theirs, connections are refused
+        self.close_arenas()  # the children hold them now
         log.info("serving on %s:%d: engine pid %d, %d API process(es)", self.settings.host,
                  self.settings.port, self.engine.pid, self.n)  # fmt: skip
         return self._watch()
@@ -235,6 +263,7 @@ def _child_settings() -> Settings:
 def engine_main(args: argparse.Namespace) -> int:
     import asyncio
 
+    import numpy as np
     import onnxruntime  # ORT_DISABLE_TELEMETRY is set (child_env): no telemetry client starts
 
     from contract.errors import BundleError
@@ -246,8 +275,9 @@ def engine_main(args: argparse.Namespace) -> int:
     block = StatusBlock(Path(args.run_dir) / "status")
     settings = _child_settings()
     favour_engine_thread(settings.gil_switch_ms)
+    arenas = [np.frombuffer(row_arena.map_fd(int(fd), writable=False), "<f4") for fd in args.arenas]
     try:
-        core = EngineCore(settings, block, f"{args.run_dir}/engine.sock")
+        core = EngineCore(settings, block, f"{args.run_dir}/engine.sock", arenas)
     except BundleError as exc:
         log.error("refused bundle: %s", exc)
         return 2
@@ -264,11 +294,15 @@ def engine_main(args: argparse.Namespace) -> int:
 
 def api_main(args: argparse.Namespace) -> int:
     from service.api_process import serve_api
+    from service.row_arena import RowArena
 
     block = StatusBlock(Path(args.run_dir) / "status")
     sock = socket.socket(fileno=args.fd)
     endpoint = f"{args.run_dir}/engine.sock"
-    return serve_api(_child_settings(), block, endpoint, args.index, sock, args.log_level, args.access_log)
+    arena = RowArena(row_arena.map_fd(args.arena, writable=True)) if args.arena >= 0 else None
+    return serve_api(
+        _child_settings(), block, endpoint, args.index, sock, args.log_level, args.access_log, arena
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--fd", type=int, default=-1)
+    parser.add_argument("--arena", type=int, default=-1, help="api: its rows' shared memory (fd)")
+    parser.add_argument("--arenas", type=lambda v: v.split(","), default=[], help="engine: every API's")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--access-log", action="store_true")
     args = parser.parse_args(argv)

@@ -5,7 +5,9 @@ is a msgpack header (a tagged :class:`msgspec.Struct`), followed for tensors by 
 little-endian float32 in C order (written from the arrays' memory, read as views of the bytes
 received). Nothing is pickled.
 
-API -> engine: :class:`Infer` (+ the rows' frame), :class:`Cancel`, :class:`Call` (reload, ...).
+API -> engine: :class:`Hello` (first: which API process, so which arena), :class:`Infer` (+ the rows'
+frame, or their offsets in the process's shared-memory arena: service/row_arena.py), :class:`Cancel`,
+:class:`Call` (reload, ...).
 Engine -> API: :class:`Results` (+ the probabilities' frame), :class:`Failure`, :class:`Reply`.
 
 Requests and answers travel in bulk, as vLLM's engine core sends one message of outputs per step: an
@@ -26,13 +28,21 @@ import msgspec
 import numpy as np
 
 from contract import errors
+from service import row_arena
 
 DTYPE = np.dtype("<f4")
 
 
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """An API process's first message: its index (the engine reads its arena's rows by it)."""
+
+    index: int
+
+
 class Infer(msgspec.Struct, tag="infer", array_like=True):
     """Requests of one API process (preprocessed rows): request ``ids[i]`` has ``rows[i]`` rows of
-    ``shape`` ([C, H, W]); the tensor frame holds all of them, request after request."""
+    ``shape`` ([C, H, W]); the tensor frame holds all of them, request after request, or, with
+    ``offsets``, no frame: request ``ids[i]``'s rows are at byte ``offsets[i]`` of the process's arena."""
 
     ids: list[int]
     tasks: list[str]
@@ -40,6 +50,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     deadlines: list[float]  # CLOCK_MONOTONIC (time.monotonic(), system-wide on Linux)
     rows: list[int]
     shape: tuple[int, ...]
+    offsets: list[int] | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -78,7 +89,7 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
     data: dict
 
 
-ToEngine = Infer | Cancel | Call
+ToEngine = Hello | Infer | Cancel | Call
 ToApi = Results | Failure | Reply
 ENGINE_CALLS = ("reload",)
 
@@ -133,16 +144,24 @@ def _split(buffer, sizes: list[int], shapes) -> list[np.ndarray]:
     return out
 
 
-def requests_of(msg: Infer, buffer) -> list[np.ndarray]:
-    """Each request's rows [n, C, H, W] of an :class:`Infer`, views of its frame (InvalidInput if the
-    lists or the frame do not add up)."""
+def requests_of(msg: Infer, buffer, arena: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each request's rows [n, C, H, W] of an :class:`Infer`, views of its frame or, with offsets, of
+    ``arena`` (the sender's, float32); InvalidInput if the lists, the frame or the offsets do not add up."""
     n = len(msg.ids)
     if not (len(msg.tasks) == len(msg.gens) == len(msg.deadlines) == len(msg.rows) == n):
         raise errors.InvalidInput("an inference message whose lists differ in length")
     if any(r <= 0 for r in msg.rows) or any(d <= 0 for d in msg.shape):
         raise errors.InvalidInput(f"rows {msg.rows} of shape {list(msg.shape)}")
-    row = math.prod(msg.shape)
-    return _split(buffer, [r * row for r in msg.rows], [(r, *msg.shape) for r in msg.rows])
+    shapes = [(r, *msg.shape) for r in msg.rows]
+    if msg.offsets is None:
+        row = math.prod(msg.shape)
+        return _split(buffer, [r * row for r in msg.rows], shapes)
+    if arena is None or buffer is not None or len(msg.offsets) != n:
+        raise errors.InvalidInput("rows by offset without an arena, with a frame, or with offsets missing")
+    try:
+        return [row_arena.rows_at(arena, at, shape) for at, shape in zip(msg.offsets, shapes, strict=True)]
+    except ValueError as exc:
+        raise errors.InvalidInput(str(exc)) from None
 
 
 def results_of(msg: Results, buffer) -> list[np.ndarray]:

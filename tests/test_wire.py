@@ -17,6 +17,8 @@ from service.engine_status import GEN, QUEUE_SIZE, QUEUED, StatusBlock
 def test_messages_round_trip_as_msgpack_without_pickle():
     for msg in (
         wire.Infer([7, 9], ["digits", "shapes"], [3, 3], [12.5, 13.0], [2, 1], (3, 32, 32)),
+        wire.Infer([7], ["digits"], [3], [12.5], [1], (3, 32, 32), [4096]),  # rows in the arena
+        wire.Hello(2),
         wire.Cancel(7),
         wire.Call(8, "reload", "v2"),
         wire.Call(9, "reload"),
@@ -265,6 +267,7 @@ async def test_the_engine_answers_a_bulk_message_request_by_request():
     core = EngineCore.__new__(EngineCore)  # its message handling alone: no engine process
     core.units = {1: SimpleNamespace(manifest=m, task=m.task, version="7", batcher=batcher)}
     core.gen, core.waiting, core._outbox = 1, {}, {}
+    core.arenas, core.arena_of = [], {}
     chan = Channel(lambda *a: None)
     chan.connection_made(_Transport())
     x = np.random.default_rng(0).random((4, *m.input.size), dtype=np.float32)

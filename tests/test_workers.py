@@ -343,20 +343,30 @@ def test_children_exit_when_the_supervisor_is_killed(tiny_bundle):
         assert not run.exists()
 
 
+def shared_rows(pid: int) -> int:
+    """How many of the rows' shared memories (service/row_arena.py) process ``pid`` has mapped."""
+    return Path(f"/proc/{pid}/maps").read_text().count("memfd:mtserve-rows")
+
+
 def test_an_answer_does_not_depend_on_the_process_layout(tiny_bundle):
     """The same image gets the same JSON, byte for byte, from one process and from API processes in
-    front of an engine process (probabilities are float32 in both)."""
+    front of an engine process (probabilities are float32 in both), whether the rows reach the engine
+    through shared memory (the default: each API process maps its own, the engine all of them) or on
+    the socket (``--rows-shm-mb 0``)."""
     blob = png(3)
-    answers = []
-    for workers in ("0", "2"):
-        args = ("--workers", workers, "--threads", "1", "--log-level", "warning")
-        with serve(tiny_bundle, *args) as (_proc, url, _):
+    answers: dict[tuple[str, ...], list[bytes]] = {}
+    for layout in (("0",), ("2",), ("2", "--rows-shm-mb", "0")):
+        args = ("--workers", *layout, "--threads", "1", "--log-level", "warning")
+        with serve(tiny_bundle, *args) as (proc, url, _):
             for task in ("digits", "animals"):
                 r = httpx.post(f"{url}/predict/{task}", content=blob, headers={"content-type": "image/png"})
                 assert r.status_code == 200, r.text
-                answers.append((workers, task, r.content))
-    one, split = answers[:2], answers[2:]
-    assert [(t, a) for _, t, a in one] == [(t, a) for _, t, a in split]
+                answers.setdefault(layout, []).append(r.content)
+            if layout[0] != "0":
+                mapped = {role: shared_rows(pid) for role, pid in children(proc.pid).items()}
+                shm = 0 if "--rows-shm-mb" in layout else 1
+                assert mapped == {"engine": 2 * shm, "api-0": shm, "api-1": shm}, layout
+    assert answers[("0",)] == answers[("2",)] == answers[("2", "--rows-shm-mb", "0")]
 
 
 def test_every_process_runs_the_supervisors_code(tiny_bundle, tmp_path):
