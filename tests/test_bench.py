@@ -9,6 +9,7 @@ import json
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.bench.cli import SCENARIOS
@@ -139,7 +140,9 @@ def test_interleaved_rounds_measure_each_server_at_every_connection_count(monkey
     monkeypatch.setattr(api_cpu, "measure", measure)
     targets = [api_cpu.Target("a", ["x"]), api_cpu.Target("b", ["x"])]
     args = argparse.Namespace(requests=100, rounds=2, loadgen="python")
-    api_cpu.interleaved(targets, args, [128, 512], "/p", b"png", "rps", "{}")
+    api_cpu.interleaved(
+        targets, args, [128, 512], api_cpu.wrk.Request("/p", b"png", "image/png"), "rps", "{}"
+    )
     assert seen == [
         ("a", 128),
         ("a", 512),
@@ -169,8 +172,6 @@ def test_idle_overhead_is_taken_over_the_engine_met_after_the_same_pause() -> No
 
 def test_paced_engine_calls_sleep_before_each_timed_call(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
-
-    import numpy as np
 
     from service.bench import engine_bench
 
@@ -288,3 +289,51 @@ def test_bench_workers_sends_at_least_16_requests_a_connection_in_a_round(tiny_b
     assert sent[-1] == (16 * 512, [64, 512]) and result["config"]["requests"] == 16 * 512
     workers.run_workers(p.parse_args([*common, "--workers-concurrency", "8", "--requests", "3000"]))
     assert sent[-1] == (3000, [8])  # enough already: unchanged
+
+
+async def test_api_cpu_v2_sends_one_fp32_row_and_the_raw_app_answers_it_as_v2_does(tiny_bundle) -> None:
+    """``--route v2``: one preprocessed row in Triton's binary tensor extension; the raw floor app reads
+    it and answers the same JSON shape as ``/v2`` (top-1 classification); a non-finite row fails it."""
+    import argparse
+
+    import orjson
+
+    from contract.bundle import load_bundle
+    from service.bench import api_cpu
+    from service.bench.raw_asgi_app import make_app
+
+    m = load_bundle(tiny_bundle, verify_sha256=False).manifest
+    req = api_cpu.request_of(argparse.Namespace(route="v2", image=None), m, "digits", tiny_bundle)
+    assert req.path == "/v2/models/digits/infer" and req.content_type == "application/octet-stream"
+    length = int(dict(req.headers)["Inference-Header-Content-Length"])
+    header = orjson.loads(req.body[:length])
+    assert header["inputs"][0]["shape"] == [1, *m.input.size]
+    assert len(req.body) - length == 4 * int(np.prod(m.input.size))
+    png = api_cpu.request_of(argparse.Namespace(route="predict", image=None), m, "digits", tiny_bundle)
+    assert png.path == "/predict/digits?top_k=5" and png.body[:4] == b"\x89PNG"
+
+    app = make_app(str(tiny_bundle), workers=1)
+
+    async def call(body: bytes) -> dict:
+        sent, chunks = [], [{"type": "http.request", "body": body, "more_body": False}]
+        scope = {"type": "http", "method": "POST", "path": req.path, "query_string": b"",
+                 "headers": [(b"inference-header-content-length", str(length).encode())]}  # fmt: skip
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return chunks.pop()
+
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200
+        return orjson.loads(sent[1]["body"])
+
+    got = await call(req.body)
+    [output] = got["outputs"]
+    assert got["model_name"] == "digits" and output["shape"] == [1, 1] and output["datatype"] == "BYTES"
+    score, index, label = output["data"][0].split(":")
+    assert m.task("digits").labels[int(index)] == label and 0 < float(score) <= 1
+    nan = req.body[:length] + np.full(int(np.prod(m.input.size)), np.nan, "<f4").tobytes()
+    with pytest.raises(AssertionError):
+        await call(nan)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from service.bench import machine, proc_cpu, report, server, wrk
+from service.bench import machine, payloads, proc_cpu, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--requests", type=int, default=3000, help="api-cpu: requests per server and round")
     g.add_argument("--concurrency", type=int, default=8, help="api-cpu: connections (hey -c)")
     g.add_argument("--image", help="api-cpu: the PNG to send (default: a demo digit, else synthetic)")
+    g.add_argument(
+        "--route",
+        choices=["predict", "v2"],
+        default="predict",
+        help="api-cpu: an image to /predict (default), or a preprocessed FP32 row to /v2/models/{task}/infer",
+    )
     g.add_argument("--task", help="api-cpu: the task (default: digits if the bundle has it, else the first)")
     g.add_argument("--baseline", action="append", default=[], help="api-cpu: another source tree to A/B")
     g.add_argument("--server-args", default="", help="api-cpu, workers: extra `mtserve serve` flags")
@@ -112,18 +118,28 @@ def raw(bundle: Path, inline: bool) -> Target:
     return Target("raw-inline" if inline else "raw", cmd + (["--inline"] if inline else []), ready="/")
 
 
-def load(port: int, path: str, body: bytes, n: int, c: int, png: Path, tool: str = "auto") -> dict:
-    """``n`` POSTs over ``c`` connections: status codes, transport errors, wall time and the load
-    generator used (``--loadgen``: wrk when on PATH, else hey, else the project's generator)."""
+def request_of(args, manifest, task: str, bundle: Path) -> wrk.Request:
+    """The one request every round sends (``--route``): the demo image to ``/predict`` (top-5), or one
+    preprocessed FP32 row to ``/v2/models/{task}/infer`` (binary tensor extension, top-1)."""
+    if args.route == "v2":
+        return wrk.from_raw(payloads.tensor_requests(manifest, [task])[task])
+    return wrk.Request(f"/predict/{task}?top_k=5", demo_image(bundle, args.image), "image/png")
+
+
+def load(port: int, req: wrk.Request, n: int, c: int, body_file: Path, tool: str = "auto") -> dict:
+    """``n`` POSTs of ``req`` over ``c`` connections: status codes, transport errors, wall time and the
+    load generator used (``--loadgen``: wrk when on PATH, else hey, else the project's generator);
+    ``body_file`` holds the body (for hey)."""
     tool = wrk.pick(tool, one_body=True)
     t0 = time.perf_counter()
     if tool == "wrk":
-        got = wrk.run(port, [wrk.Request(path, body, "image/png")], c, n_requests=n)
+        got = wrk.run(port, [req], c, n_requests=n)
         errors = got["transport_errors"]
         return {"tool": "wrk", "codes": got["codes"], "errors": errors, "wall_s": got["wall_s"]}
     if tool == "hey":
-        url = f"http://127.0.0.1:{port}{path}"
-        cmd = ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", "image/png", "-D", str(png), url]
+        url = f"http://127.0.0.1:{port}{req.path}"
+        cmd = ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", req.content_type, "-D", str(body_file)]
+        cmd += [a for k, v in req.headers for a in ("-H", f"{k}: {v}")] + [url]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
         codes = {k: int(v) for k, v in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
         tail = out.partition("Error distribution:")[2]
@@ -131,7 +147,7 @@ def load(port: int, path: str, body: bytes, n: int, c: int, png: Path, tool: str
         return {"tool": "hey", "codes": codes, "errors": errors, "wall_s": time.perf_counter() - t0}
     from service.bench.loadgen import http_post, run
 
-    codes = run(_own_load(port, http_post(path, body, "image/png"), n, c))
+    codes = run(_own_load(port, http_post(req.path, req.body, req.content_type, dict(req.headers)), n, c))
     return {"tool": "python", "codes": codes, "errors": 0, "wall_s": time.perf_counter() - t0}
 
 
@@ -153,11 +169,11 @@ async def _own_load(port: int, request: bytes, n: int, c: int) -> dict[str, int]
     return codes
 
 
-def measure(t: Target, port: int, pid: int, args, path: str, body: bytes, png: Path) -> dict:
+def measure(t: Target, port: int, pid: int, args, req: wrk.Request, body_file: Path) -> dict:
     """One round of one server: CPU per request by role (ms), requests/s, status codes."""
     names = proc_cpu.names_of(pid)
     before = proc_cpu.Snapshot.take(pid)
-    got = load(port, path, body, args.requests, args.concurrency, png, args.loadgen)
+    got = load(port, req, args.requests, args.concurrency, body_file, args.loadgen)
     after = proc_cpu.Snapshot.take(pid)
     for p, n in proc_cpu.names_of(pid).items():  # threads started during the run
         names.setdefault(p, {}).update(n)
@@ -209,7 +225,7 @@ def targets_of(args, bundle: Path) -> list[Target]:
 
 
 def interleaved(
-    targets: list[Target], args, concurrency: int | Sequence[int], path: str, body: bytes, key: str, fmt: str
+    targets: list[Target], args, concurrency: int | Sequence[int], req: wrk.Request, key: str, fmt: str
 ):
     """Start every target, warm each up, then measure them in rounds whose order rotates (so the
     machine's background load falls on all of them alike); each round is appended to ``t.rounds``.
@@ -217,20 +233,20 @@ def interleaved(
     that rotates too), the value in the round's ``concurrency``."""
     levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        png = Path(tmp) / "image.png"
-        png.write_bytes(body)
+        body_file = Path(tmp) / "body"
+        body_file.write_bytes(req.body)
         started = []
         for t in targets:
             port = server.free_port()
             cmd = [a.replace("{port}", str(port)) for a in t.cmd]
             proc = stack.enter_context(server.running(cmd, port, t.ready, 300.0, t.env))
-            load(port, path, body, max(200, args.requests // 10), levels[0], png, args.loadgen)  # warm-up
+            load(port, req, max(200, args.requests // 10), levels[0], body_file, args.loadgen)  # warm-up
             started.append((t, port, proc.pid))
         for r in range(args.rounds):
             for t, port, pid in started[r % len(started) :] + started[: r % len(started)]:
                 for c in levels[r % len(levels) :] + levels[: r % len(levels)]:
                     load_args = argparse.Namespace(**{**vars(args), "concurrency": c})
-                    t.rounds.append(measure(t, port, pid, load_args, path, body, png) | {"concurrency": c})
+                    t.rounds.append(measure(t, port, pid, load_args, req, body_file) | {"concurrency": c})
                     at = f" at {c} connections" if len(levels) > 1 else ""
                     print(f"round {r + 1} {t.name}{at}: {fmt.format(t.rounds[-1][key])}", flush=True)
 
@@ -244,20 +260,21 @@ def run_api_cpu(args) -> dict:
     bundle = Path(args.demo)
     manifest = load_bundle(bundle, verify_sha256=False).manifest
     task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
-    body, path = demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
+    req = request_of(args, manifest, task, bundle)
     targets = targets_of(args, bundle)
+    route = "/v2 FP32 tensor" if args.route == "v2" else "/predict"
     result = {
         "scenario": "api-cpu",
-        "title": "CPU per single-image /predict request outside the engine: mtserve vs a raw ASGI app",
+        "title": f"CPU per single-image {route} request outside the engine: mtserve vs a raw ASGI app",
         "bundle": str(bundle),
         "machine": describe("cpu"),
         "cpu_flags": int8_flags(),
         "config": {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
-                   "task": task, "image_bytes": len(body), "server_args": args.server_args,
-                   "baselines": args.baseline, "loadgen": args.loadgen},
+                   "task": task, "route": args.route, "body_bytes": len(req.body),
+                   "server_args": args.server_args, "baselines": args.baseline, "loadgen": args.loadgen},
     }  # fmt: skip
     contention = {"start": machine.contention()}  # how much the 2 CPUs slow each other (see there)
-    interleaved(targets, args, args.concurrency, path, body, "front_ms", "{:.3f} ms CPU/request")
+    interleaved(targets, args, args.concurrency, req, "front_ms", "{:.3f} ms CPU/request")
     contention["end"] = machine.contention()
     result["contention"] = contention
     rows, ratios = summarize(targets)

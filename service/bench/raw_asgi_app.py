@@ -7,6 +7,10 @@ thread pool of the same size as the server's (``--inline``: on the event loop), 
 same JSON as ``/predict`` (top-k with labels, orjson) of a fixed probability vector per task: no
 engine, no batcher, no validation beyond what decoding does, no metrics, no deadline.
 
+``POST /v2/models/{task}/infer`` with a preprocessed FP32 tensor (Triton's binary tensor extension):
+the JSON header is read (orjson), the rows taken as a view of the body and checked finite, and the
+answer is ``/v2``'s classification JSON (top-1) of the fixed vector.
+
     python -m service.bench.raw_asgi_app BUNDLE --port 8001 [--inline] [--workers N]
 """
 
@@ -60,6 +64,8 @@ def make_app(bundle: str, workers: int, inline: bool = False):
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if scope["path"].endswith("/infer"):
+            return await send_v2(send, scope, body, tasks)
         if inline:
             x = load_image(body, spec, MAX_PIXELS)
         else:
@@ -73,6 +79,28 @@ def make_app(bundle: str, workers: int, inline: bool = False):
         await send({"type": "http.response.body", "body": out})
 
     return app
+
+
+async def send_v2(send, scope, body: bytes, tasks: dict) -> None:
+    """The ``/v2`` infer answer of the binary request ``body`` (top-1 classification of the fixed vector)."""
+    task = scope["path"].split("/")[3]
+    length = int(dict(scope["headers"])[b"inference-header-content-length"])
+    spec = orjson.loads(body[:length])["inputs"][0]
+    x = np.frombuffer(body, "<f4", offset=length).reshape(spec["shape"])
+    assert np.isfinite(x).all()
+    labels, p = tasks.get(task) or next(iter(tasks.values()))
+    best = int(np.argmax(p))
+    data = [f"{p[best]:f}:{best}:{labels[best]}"] * len(x)
+    output = {"name": "probabilities", "shape": [len(x), 1], "datatype": "BYTES", "data": data}
+    out = orjson.dumps({"model_name": task, "model_version": "1", "id": None, "outputs": [output]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", b"%d" % len(out)), *HEADERS],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,7 +112,7 @@ def run_workers(args) -> dict:
     bundle = Path(args.demo)
     manifest = load_bundle(bundle, verify_sha256=False).manifest
     task = args.task or ("digits" if "digits" in manifest.tasks else next(iter(manifest.tasks)))
-    body, path = api_cpu.demo_image(bundle, args.image), f"/predict/{task}?top_k=5"
+    req = wrk.Request(f"/predict/{task}?top_k=5", api_cpu.demo_image(bundle, args.image), "image/png")
     values = [int(v) for v in args.workers_list.split(",")]
     levels = list(args.workers_concurrency)
     # a round of a few requests per connection is mostly wrk's start and end (every connection
@@ -133,7 +133,7 @@ def run_workers(args) -> dict:
                    "loadgen": args.loadgen},
     }  # fmt: skip
     contention = {"start": machine.contention()}  # what two busy CPUs are worth now (see there)
-    api_cpu.interleaved(targets, args, levels, path, body, "rps", "{:.0f} requests/s")
+    api_cpu.interleaved(targets, args, levels, req, "rps", "{:.0f} requests/s")
     contention["end"] = machine.contention()
     rows = _rows(targets)
     result |= {"rows": rows, "rounds": [r for t in targets for r in t.rounds], "contention": contention}
