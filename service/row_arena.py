@@ -14,6 +14,11 @@ releases a block when its request is answered (or given up), and the space is re
 oldest block on, once it and every block before it are free. Where a request's rows do not fit (a full
 arena, a request larger than it), ``put`` says so and they travel on the socket as before.
 
+A ring that always went round the whole arena would, under steady load, write every page of it
+(``--rows-shm-mb`` resident per API process, whatever the rows in flight need). It goes round a
+smaller *span* instead (``MIN_SPAN`` to start with), doubled (up to the whole arena) at most once a
+lap when a request did not fit: the pages written are about what the peak of rows in flight needs.
+
 Why a memfd (``os.memfd_create``) and not ``/dev/shm``: its pages are not counted against the size of
 ``/dev/shm``, which containers make small (Docker: 64 MiB) and where a write past it is a SIGBUS. The
 engine may read a block its request has given up (the client left, the deadline passed) while the API
@@ -31,6 +36,7 @@ import numpy as np
 
 ALIGN = 64  # every block starts on a cache line (and a float32)
 MIB = 1 << 20
+MIN_SPAN = 2 * MIB  # the ring's first span (the demo's rows: 12 KB; 224 px: 602 KB)
 
 
 def create(size: int) -> int:
@@ -57,9 +63,11 @@ def map_fd(fd: int, writable: bool) -> mmap.mmap:
 class RowArena:
     """The writer's side: a ring of blocks in ``buffer``; ``put`` copies an array in, ``free`` releases it."""
 
-    def __init__(self, buffer: mmap.mmap | bytearray):
+    def __init__(self, buffer: mmap.mmap | bytearray, min_span: int = MIN_SPAN):
         self.bytes = np.frombuffer(buffer, dtype=np.uint8)
         self.size = len(self.bytes)
+        self.span = min(self.size, min_span)  # where the ring wraps: doubled when a request does not fit
+        self._grow = False  # a request did not fit: the span doubles when the head next reaches it
         self._head = 0  # where the next block goes when the ring is empty or has not wrapped
         self._blocks: deque[list] = deque()  # [start, end, freed], oldest first
         self._by_start: dict[int, list] = {}
@@ -72,20 +80,29 @@ class RowArena:
     def _place(self, n: int) -> int | None:
         """Where ``n`` bytes go: after the newest block, else at the start (past the free end), else None."""
         if not self._blocks:
-            return 0 if n <= self.size else None
+            if n > self.span and self._grow:
+                self.span, self._grow = min(self.size, 2 * self.span), False
+            return 0 if n <= self.span else None
         oldest, newest = self._blocks[0][0], self._blocks[-1][0]
         head = self._head
-        if newest >= oldest:  # not wrapped: free are [head, size) and [0, oldest)
-            if self.size - head >= n:
+        if newest >= oldest:  # not wrapped: free are [head, span) and [0, oldest)
+            if self.span - head < n and self._grow:
+                self.span, self._grow = min(self.size, 2 * self.span), False
+            if self.span - head >= n:
                 return head
             return 0 if oldest >= n else None
         return head if oldest - head >= n else None  # wrapped: free is [head, oldest)
 
     def put(self, x: np.ndarray) -> int | None:
-        """Copy ``x`` (C-contiguous) into a free block: its byte offset, or None where it does not fit."""
+        """Copy ``x`` (C-contiguous) into a free block: its byte offset, or None where it does not fit
+        (then the span doubles, at once if the head can use it, else when it next reaches the span)."""
         n = -(-x.nbytes // ALIGN) * ALIGN
-        if n == 0 or (start := self._place(n)) is None:
+        if n == 0:
             return None
+        if (start := self._place(n)) is None:
+            self._grow = self.span < self.size
+            if (start := self._place(n)) is None:
+                return None
         self.bytes[start : start + x.nbytes] = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
         block = [start, start + n, False]
         self._blocks.append(block)

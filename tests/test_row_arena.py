@@ -52,11 +52,39 @@ def test_a_full_ring_refuses_until_its_oldest_block_is_freed():
     assert arena.put(np.zeros(257, np.float32)) is None and arena.blocks == 0  # larger than the ring
 
 
+def test_the_ring_goes_round_a_span_that_grows_only_when_rows_do_not_fit():
+    """Under steady load the ring writes only the pages its rows in flight need (not the whole arena):
+    it wraps at its span, doubled when a request does not fit."""
+    arena = RowArena(bytearray(16384), min_span=1024)
+    highest, previous = 0, None
+    for i in range(200):  # two requests in flight at a time, 192 bytes each
+        at = arena.put(_rows(1, i))
+        highest = max(highest, at + 192)
+        if previous is not None:
+            arena.free(previous)
+        previous = at
+    assert highest <= 1024 and arena.span == 1024
+    arena.free(previous)
+    assert arena.blocks == 0
+    live = [arena.put(_rows(1, 9)) for _ in range(8)]  # 8 x 192 = 1536 bytes: past the span
+    assert live == [0, 192, 384, 576, 768, 960, 1152, 1344]  # the head used the doubled span at once
+    assert arena.span == 2048
+    for at in live[:7]:
+        arena.free(at)
+    wrapped = [arena.put(_rows(2, 9)) for _ in range(5)]  # 384 bytes each: to 2048, then round
+    assert wrapped == [1536, 0, 384, 768, None]  # the oldest live block is at 1344
+    assert arena.span == 2048  # wrapped: the doubling waits for the head to reach the span again
+    for at in [live[7], wrapped[0]]:
+        arena.free(at)
+    assert arena.put(_rows(8, 9)) == 1152 and arena.span == 4096  # 1536 bytes: the head took the new span
+    assert arena.put(np.zeros(16384 // 4 + 1, np.float32)) is None  # larger than the arena
+
+
 def test_random_puts_and_frees_never_overlap_a_live_block():
     """Blocks freed in any order: every live block keeps its bytes, inside the ring, apart from the others."""
     rng = random.Random(0)
     buf = bytearray(8192)
-    arena = RowArena(buf)
+    arena = RowArena(buf, min_span=2048)
     live: dict[int, np.ndarray] = {}
     refused = 0
     for step in range(4000):
