@@ -42,9 +42,11 @@ class EngineClient:
         on_death: Callable[[str], None] | None = None,
         arena: RowArena | None = None,
         index: int = 0,
+        on_spill: Callable[[], None] | None = None,
     ):
         self.endpoint = endpoint
         self.arena = arena
+        self.on_spill = on_spill  # rows that did not fit the arena (they go on the socket)
         self.index = index
         self.engine_pid = engine_pid
         self.on_death = on_death
@@ -123,6 +125,8 @@ class EngineClient:
         if self.arena is not None:
             x = np.ascontiguousarray(x, dtype=wire.DTYPE)
             offset = self.arena.put(x)
+            if offset is None and self.on_spill is not None:
+                self.on_spill()
         self._unsent[rid] = (task, gen, deadline, x, offset)
         stop = None
         try:

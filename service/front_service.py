@@ -115,7 +115,8 @@ class FrontService:
             self.manifest.input, self.pool, settings.max_pixels, self.metrics.observe_preprocess
         )
         self.admission = Admission(settings.timeout_ms, settings.inflight_limit(), block.room, LoopLag())
-        self.client = EngineClient(endpoint, block.ints[ENGINE_PID], self._engine_died, arena, index)
+        spilled = self.metrics.rows_spilled.inc
+        self.client = EngineClient(endpoint, block.ints[ENGINE_PID], self._engine_died, arena, index, spilled)
         self.engine_factory = None
         self.on_fatal: Callable[[str], None] | None = None
         self.on_orphaned: Callable[[], None] | None = None  # the supervisor died: exit

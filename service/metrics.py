@@ -85,6 +85,11 @@ class Metrics:
             buckets=tuple(float(i) for i in range(1, len(tasks) + 1)),
             registry=r,
         )
+        self.rows_spilled = Counter(
+            "mtserve_rows_spilled",
+            "Requests whose rows went on the socket: no room in the API process's shared memory",
+            registry=r,
+        )
         self.queue_depth = self.live = ScrapeTime()
         r.register(self.live)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

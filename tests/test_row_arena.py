@@ -149,13 +149,13 @@ def test_create_maps_one_memory_in_two_processes_views():
 
 
 # -- the API process's side ------------------------------------------------------------------------
-def _client(size: int):
+def _client(size: int, on_spill=None):
     from service.channel import Channel
     from service.engine_client import EngineClient
     from tests.test_wire import _Transport
 
     buf = bytearray(size)
-    client = EngineClient("unused", engine_pid=1, arena=RowArena(buf))
+    client = EngineClient("unused", engine_pid=1, arena=RowArena(buf), on_spill=on_spill)
     client._chan = Channel(client._on_message, client._lost)
     client._chan.connection_made(_Transport())
     return client, client._chan.transport, buf
@@ -183,7 +183,8 @@ def _answer(client, ids: list[int], widths: int = 10) -> None:
 
 
 async def test_rows_go_by_offset_and_those_that_do_not_fit_by_the_socket():
-    client, transport, buf = _client(1024)
+    spilled: list[int] = []
+    client, transport, buf = _client(1024, on_spill=lambda: spilled.append(1))
     small, large = _rows(1, 1.0), _rows(6, 2.0)  # 192 bytes fit, 1152 do not
     ta = asyncio.ensure_future(client.infer("digits", small, 1, 5.0))
     tb = asyncio.ensure_future(client.infer("digits", large, 1, 5.0))
@@ -194,7 +195,7 @@ async def test_rows_go_by_offset_and_those_that_do_not_fit_by_the_socket():
     assert np.array_equal(wire.requests_of(inline, frame)[0], large)
     engine = np.frombuffer(bytes(buf), "<f4")
     assert np.array_equal(wire.requests_of(by_offset, None, engine)[0], small)
-    assert client.arena.blocks == 1
+    assert client.arena.blocks == 1 and spilled == [1]  # counted: mtserve_rows_spilled_total
     _answer(client, [1, 2])
     await ta, await tb
     assert client.arena.blocks == 0  # answered: its block is free

@@ -366,6 +366,7 @@ def test_an_answer_does_not_depend_on_the_process_layout(tiny_bundle):
                 mapped = {role: shared_rows(pid) for role, pid in children(proc.pid).items()}
                 shm = 0 if "--rows-shm-mb" in layout else 1
                 assert mapped == {"engine": 2 * shm, "api-0": shm, "api-1": shm}, layout
+                assert "mtserve_rows_spilled_total 0.0" in httpx.get(url + "/metrics").text
     assert answers[("0",)] == answers[("2",)] == answers[("2", "--rows-shm-mb", "0")]
 
 
