@@ -277,7 +277,8 @@ class Batcher:
 
     def _compute(self, batch: Batch) -> tuple[list[tuple[Job, int, int]], list[np.ndarray], list[SegmentRun]]:
         """Runs in the executor thread: drop jobs abandoned while the batch waited, mark the rest
-        started, concatenate, infer, softmax; the segments' runs go back to the loop for the metrics."""
+        started, sort them in the engine's row order (if it has one), concatenate, infer, softmax; the
+        segments' runs go back to the loop for the metrics."""
         now = time.monotonic()
         with self._lock:
             for job, _, _ in batch.slices:  # past its deadline and not started: never computed
@@ -289,6 +290,9 @@ class Batcher:
                 job.started = True
         if not live:
             return live, [], []
+        rank = getattr(self.engine, "row_order", None)
+        if rank and len(live) > 1:  # in the engine's order (stable: fair order within a task): no copy there
+            live.sort(key=lambda s: rank.get(s[0].task, -1))
         parts = [job.x[a:b] for job, a, b in live]
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         tasks = [job.task for job, a, b in live for _ in range(b - a)]

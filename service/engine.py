@@ -33,7 +33,7 @@ from contract.errors import BundleError
 from contract.manifest import Manifest, SegmentSpec
 from service.buckets import Buckets
 from service.engine_bucketed import BucketCall, BucketedPath
-from service.engine_paths import DirectPaths
+from service.engine_paths import DirectPaths, tree_order
 from service.engine_types import Call, SegmentRun
 from service.heap import default_trimmer, limit_arenas
 from service.ort_setup import device_memory_used, register_shared_cpu_arena, rss_bytes
@@ -115,6 +115,9 @@ class OrtEngine(BucketedPath, DirectPaths):
         self._shared = _shared_variants(self.manifest)
         self._segments: list[SegmentSpec] = list(self.manifest.segments)
         self._task_variants = {t: s.variants for t, s in self.manifest.tasks.items()}
+        names, tasks = [s.name for s in self._segments], list(self._task_variants)
+        # each task's rank in tree order: a batch whose rows are sorted by it needs no reordering
+        self.row_order = {tasks[r]: i for i, r in enumerate(tree_order(tasks, self._task_variants, names))}
         self._describe: dict = {}
         self.fallbacks: list[str] = []
 

@@ -16,7 +16,7 @@ import numpy as np
 from contract.manifest import SegmentSpec
 from contract.plan import group_rows
 from service.buckets import bucket_for, copy_runs
-from service.engine_paths import tree_order
+from service.engine_paths import reordered, tree_order
 from service.engine_types import SegmentRun
 from service.ort_setup import copy_model_bytes
 
@@ -181,7 +181,7 @@ class BucketedPath:
         assert self.buckets
         order = tree_order(tasks, self._task_variants, [s.name for s in self._segments])
         stasks = [tasks[r] for r in order]
-        xs = np.ascontiguousarray(x[order], dtype=np.float32)
+        xs = reordered(x, order)
         n = len(order)
         where: list[tuple[tuple[str, str, int], int]] = []  # row -> (bucket call, row in its output)
         runs: list[SegmentRun] = []

@@ -27,6 +27,14 @@ def tree_order(
     return sorted(range(len(tasks)), key=lambda r: paths[r])
 
 
+def reordered(x: np.ndarray, order: list[int]) -> np.ndarray:
+    """``x``'s rows in ``order``, float32 C-contiguous: ``x`` itself where the order is already the
+    identity (the batcher hands the rows sorted so, by :attr:`OrtEngine.row_order`), else a copy."""
+    if all(r == i for i, r in enumerate(order)):
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x[order], dtype=np.float32)
+
+
 class DirectPaths:
     """Host and bound execution; needs the attributes OrtEngine sets."""
 
@@ -92,7 +100,7 @@ class DirectPaths:
         dev, did = self.device, self.device_id
         order = tree_order(tasks, self._task_variants, [s.name for s in self._segments])
         stasks = [tasks[r] for r in order]
-        cur = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x[order], dtype=np.float32), dev, did)
+        cur = OrtValue.ortvalue_from_numpy(reordered(x, order), dev, did)
         n = len(order)
         runs: list[SegmentRun] = []
         last = len(self._segments) - 1

@@ -41,5 +41,7 @@ class Engine(Protocol):
     def stop(self) -> None: ...
 
     def infer(self, x: np.ndarray, tasks: Sequence[str]) -> tuple[list[np.ndarray], list[SegmentRun]]:
-        """Logits per row (each of its task's width) and what each segment did."""
+        """Logits per row (each of its task's width) and what each segment did. An engine may also have
+        ``row_order`` (task -> rank): the batcher then hands it the rows sorted by it (stable), the order
+        in which it computes them without a copy."""
         ...

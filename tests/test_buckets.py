@@ -188,6 +188,28 @@ def test_bucketed_paths_equal_the_unpadded_engine(tiny_bundle, plain, path):
         e.stop()
 
 
+def test_rows_sorted_by_row_order_are_computed_in_place_and_answer_as_any_order(tiny_bundle, plain):
+    """A batch sorted by the engine's ``row_order`` (as the batcher hands it) is already in tree order:
+    the device paths take the rows as they are (no gathered copy of the batch); any other order is
+    gathered; either way every row gets its own answer."""
+    from service.engine_paths import reordered, tree_order
+
+    names = [s.name for s in plain.manifest.segments]
+    tasks = sorted(MIXED * 3, key=plain.row_order.__getitem__)
+    assert tree_order(tasks, plain._task_variants, names) == list(range(len(tasks)))
+    x = np.random.default_rng(5).normal(size=(len(tasks), 3, 32, 32)).astype(np.float32)
+    assert np.shares_memory(reordered(x, list(range(len(tasks)))), x)
+    shuffled = [2, 0, 1, *range(3, len(tasks))]
+    assert not np.shares_memory(got := reordered(x, shuffled), x) and np.array_equal(got, x[shuffled])
+    e = _engine(tiny_bundle, **PATHS["bound-buckets"])
+    try:
+        want, _ = plain.infer(x[shuffled], [tasks[r] for r in shuffled])
+        got_sorted, _ = e.infer(x, tasks)
+        assert _same([want[shuffled.index(r)] for r in range(len(tasks))], got_sorted) <= TOL
+    finally:
+        e.stop()
+
+
 def test_padded_call_equals_unpadded_call_for_stems_trunk_and_heads(tiny_bundle, plain):
     """Segment by segment: a variant run on k rows padded to its bucket gives the k rows' outputs."""
     rng = np.random.default_rng(3)

@@ -324,6 +324,28 @@ async def test_rows_come_back_to_their_own_request():
     await b.stop()
 
 
+async def test_a_batch_reaches_the_engine_in_its_row_order_and_rows_still_come_back_to_their_own():
+    """An engine with ``row_order`` gets each batch's rows sorted by it (stable: a task's requests in
+    their fair order), so it computes them without reordering them (a copy of the batch on the device
+    paths); every request still gets its own rows back."""
+    from tests.fakes import fake_logits
+
+    b, engine = make(max_batch_size=12, max_wait_ms=20)
+    engine.row_order = {"shapes": 0, "digits": 1, "animals": 2}
+    jobs = [(t, v, b.submit(t, rows(1, v), far())) for v, t in enumerate(TASKS * 4)]
+    results = await asyncio.gather(*(b.wait(j) for _, _, j in jobs))
+    for (t, v, _), probs in zip(jobs, results, strict=True):
+        z = fake_logits(rows(1, v)[0], t, len(probs[0]))
+        assert np.allclose(probs[0], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), atol=1e-6)
+    mixed = [c for c in engine.calls if len(set(c)) > 1]
+    assert mixed and all(c == sorted(c, key=engine.row_order.__getitem__) for c in engine.calls)
+    for call, x in zip(engine.calls, engine.rows_seen, strict=True):  # within a task: arrival order
+        for task in set(call):
+            values = [float(x[i].mean()) for i, t in enumerate(call) if t == task]
+            assert values == sorted(values)
+    await b.stop()
+
+
 async def test_rows_keep_gathering_while_the_engine_is_busy():
     """Past max_wait, a partial batch still waits for the engine to be free (Triton-style): no
     small batches queued behind a busy engine; a full batch goes at once."""
