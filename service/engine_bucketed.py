@@ -7,6 +7,7 @@ its bucket (``gpu_graph_id`` = 1 + the bucket's index, per session), or runs a s
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ class BucketedPath:
         """rows [src_row, src_row+rows) of ``src`` -> rows [dst_row, ...) of ``dst``, on the device."""
         assert self._copier is not None
         sess, b = self._copier
-        elems = int(np.prod(src.shape()[1:]))
+        elems = math.prod(src.shape()[1:])
         dev, did = self.device, self.device_id
         b.bind_input("x", dev, did, np.float32, [rows, elems], src.data_ptr() + src_row * elems * 4)
         b.bind_output("y", dev, did, np.float32, [rows, elems], dst.data_ptr() + dst_row * elems * 4)

@@ -4,6 +4,7 @@ bucketed) and bound (CUDA IOBinding, intermediates stay on the device). A mixin 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -108,7 +109,7 @@ class DirectPaths:
         for i, seg in enumerate(self._segments):
             t0 = time.perf_counter()
             groups = group_rows([self._task_variants[t][seg.name] for t in stasks])
-            row_in = int(np.prod(cur.shape()[1:])) * 4
+            row_in = math.prod(cur.shape()[1:]) * 4
             out = None
             if i < last and len(groups) > 1:
                 out = OrtValue.ortvalue_from_shape_and_type([n, *seg.output_shape], np.float32, dev, did)
@@ -127,7 +128,7 @@ class DirectPaths:
                 else:
                     b.bind_ortvalue_input(iname, part)
                 if out is not None and _contiguous(rows):
-                    row_out = int(np.prod(seg.output_shape)) * 4
+                    row_out = math.prod(seg.output_shape) * 4
                     ptr = out.data_ptr() + rows[0] * row_out
                     b.bind_output(oname, dev, did, np.float32, [len(rows), *seg.output_shape], ptr)
                 else:

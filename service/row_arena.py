@@ -28,6 +28,7 @@ waits for. It never writes: its mapping is read-only.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from collections import deque
@@ -125,7 +126,7 @@ class RowArena:
 def rows_at(arena: np.ndarray, offset: int, shape: tuple[int, ...]) -> np.ndarray:
     """The engine's side: a float32 view of ``shape`` at byte ``offset`` of ``arena`` (a float32 view of
     the mapping); ValueError if it does not lie inside it or is not aligned."""
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if offset < 0 or offset % 4 or offset // 4 + count > arena.size:
         raise ValueError(f"rows at byte {offset} ({count} values) outside an arena of {arena.nbytes} bytes")
     return arena[offset // 4 : offset // 4 + count].reshape(shape)
