@@ -222,25 +222,13 @@ async def test_the_engine_computes_rows_from_the_arena_its_hello_named():
     """An API process's Hello names its arena; its Infer by offset is computed on those rows and answered
     as rows sent on the socket are."""
     import time
-    from types import SimpleNamespace
 
-    from service.batcher import Batcher
-    from service.channel import Channel
-    from service.engine_core import EngineCore
-    from tests.fakes import FakeEngine, fake_manifest
-    from tests.test_wire import _Transport
+    from tests.test_wire import bare_core, replies
 
-    m = fake_manifest()
-    batcher = Batcher(FakeEngine(m), list(m.tasks), max_batch_size=8, max_wait_ms=0)
-    batcher.start()
     buf = bytearray(1 << 16)
     arena = RowArena(buf)
-    core = EngineCore.__new__(EngineCore)  # its message handling alone: no engine process
-    core.units = {1: SimpleNamespace(manifest=m, task=m.task, version="7", batcher=batcher)}
-    core.gen, core.waiting, core._outbox = 1, {}, {}
-    core.arenas, core.arena_of = [np.zeros(4, "<f4"), np.frombuffer(buf, "<f4")], {}
-    chan = Channel(lambda *a: None)
-    chan.connection_made(_Transport())
+    core, batcher, chan = bare_core([np.zeros(4, "<f4"), np.frombuffer(buf, "<f4")])
+    m = core.units[1].manifest
     x = np.random.default_rng(0).random((2, *m.input.size), dtype=np.float32)
     deadline = time.monotonic() + 10
     msg = wire.Infer([1, 2], ["digits", "shapes"], [1, 1], [deadline] * 2, [1, 1], m.input.size)
@@ -250,28 +238,11 @@ async def test_the_engine_computes_rows_from_the_arena_its_hello_named():
     core._on_message(chan, memoryview(wire.encode(msg)), None)
     inline = wire.Infer([3, 4], ["digits", "shapes"], [1, 1], [deadline] * 2, [1, 1], m.input.size)
     core._on_message(chan, memoryview(wire.encode(inline)), memoryview(x.tobytes()))
-    got: list = []
-
-    def on_message(_, header, tensor):
-        reply = wire.decode_to_api(header)
-        if isinstance(reply, wire.Results):
-            outs = wire.results_of(reply, tensor)
-            got.extend((rid, reply, out) for rid, out in zip(reply.ids, outs, strict=True))
-        else:
-            got.append((reply.id, reply, None))
-
-    receiver, seen = Channel(on_message), 0
-    for _ in range(500):
-        await asyncio.sleep(0.002)
-        for chunk in chan.transport.out[seen:]:
-            receiver.data_received(chunk)
-        seen = len(chan.transport.out)
-        if len({rid for rid, r, _ in got if isinstance(r, wire.Results)}) == 4:
-            break
+    got = await replies(chan, lambda got: len({i for r, i, _ in got if isinstance(r, wire.Results)}) == 4)
     await batcher.stop()
-    failed = [(rid, r.kind) for rid, r, _ in got if isinstance(r, wire.Failure)]
+    failed = [(rid, r.kind) for r, rid, _ in got if isinstance(r, wire.Failure)]
     assert failed == [(1, "InvalidInput"), (2, "InvalidInput")]  # the Infer before the Hello
-    out = {rid: o for rid, r, o in got if isinstance(r, wire.Results)}
+    out = {rid: o for r, rid, o in got if isinstance(r, wire.Results)}
     assert sorted(out) == [1, 2, 3, 4]
     assert np.array_equal(out[1], out[3]) and np.array_equal(out[2], out[4])  # same rows, same answer
     assert not np.array_equal(out[1], out[2])

@@ -250,10 +250,9 @@ async def test_answers_that_do_not_add_up_fail_their_requests_instead_of_hanging
         await task
 
 
-async def test_the_engine_answers_a_bulk_message_request_by_request():
-    """One Infer with four requests: the two it can serve come back together in one Results (their own
-    rows), an unknown task and an unserved generation each get their own Failure."""
-    import time
+def bare_core(arenas: list[np.ndarray] | None = None):
+    """(an EngineCore's message handling alone, no engine process: one version "7" of a fake manifest
+    on a started Batcher over a FakeEngine; its batcher; a connection that records what it writes)."""
     from types import SimpleNamespace
 
     from service.batcher import Batcher
@@ -264,12 +263,48 @@ async def test_the_engine_answers_a_bulk_message_request_by_request():
     m = fake_manifest()
     batcher = Batcher(FakeEngine(m), list(m.tasks), max_batch_size=8, max_wait_ms=0)
     batcher.start()
-    core = EngineCore.__new__(EngineCore)  # its message handling alone: no engine process
+    core = EngineCore.__new__(EngineCore)
     core.units = {1: SimpleNamespace(manifest=m, task=m.task, version="7", batcher=batcher)}
     core.gen, core.waiting, core._outbox = 1, {}, {}
-    core.arenas, core.arena_of = [], {}
+    core.arenas, core.arena_of = arenas or [], {}
     chan = Channel(lambda *a: None)
     chan.connection_made(_Transport())
+    return core, batcher, chan
+
+
+async def replies(chan, enough) -> list[tuple[object, int, np.ndarray | None]]:
+    """What the engine wrote to ``chan``, as (reply, request id, its probabilities or None), read until
+    ``enough(replies)`` (at most a second)."""
+    from service.channel import Channel
+
+    got: list = []
+
+    def on_message(_, header, tensor):
+        reply = wire.decode_to_api(header)
+        if isinstance(reply, wire.Results):
+            outs = wire.results_of(reply, tensor)
+            got.extend((reply, rid, out) for rid, out in zip(reply.ids, outs, strict=True))
+        else:
+            got.append((reply, reply.id, None))
+
+    receiver, seen = Channel(on_message), 0
+    for _ in range(500):
+        await asyncio.sleep(0.002)
+        for chunk in chan.transport.out[seen:]:
+            receiver.data_received(chunk)
+        seen = len(chan.transport.out)
+        if enough(got):
+            break
+    return got
+
+
+async def test_the_engine_answers_a_bulk_message_request_by_request():
+    """One Infer with four requests: the two it can serve come back together in one Results (their own
+    rows), an unknown task and an unserved generation each get their own Failure."""
+    import time
+
+    core, batcher, chan = bare_core()
+    m = core.units[1].manifest
     x = np.random.default_rng(0).random((4, *m.input.size), dtype=np.float32)
     deadline = time.monotonic() + 10
     msg = wire.Infer(
@@ -281,24 +316,12 @@ async def test_the_engine_answers_a_bulk_message_request_by_request():
         m.input.size,
     )
     core._infer(chan, msg, memoryview(x.tobytes()))
-    got: list = []
-
-    def on_message(_, header, tensor):
-        reply = wire.decode_to_api(header)
-        got.append((reply, wire.results_of(reply, tensor) if isinstance(reply, wire.Results) else None))
-
-    receiver, seen = Channel(on_message), 0
-    for _ in range(500):
-        await asyncio.sleep(0.002)
-        for chunk in chan.transport.out[seen:]:
-            receiver.data_received(chunk)
-        seen = len(chan.transport.out)
-        if any(isinstance(r, wire.Results) for r, _ in got):
-            break
+    got = await replies(chan, lambda got: any(isinstance(r, wire.Results) for r, _, _ in got))
     await batcher.stop()
-    failures = {r.id: r.kind for r, _ in got if isinstance(r, wire.Failure)}
+    failures = {rid: r.kind for r, rid, _ in got if isinstance(r, wire.Failure)}
     assert failures == {2: "UnknownTask", 3: "NotReady"}
-    [(results, outs)] = [(r, o) for r, o in got if isinstance(r, wire.Results)]
+    [results] = {id(r): r for r, _, _ in got if isinstance(r, wire.Results)}.values()
+    outs = [o for r, _, o in got if r is results]
     assert (results.version, results.ids, results.rows, results.widths) == ("7", [1, 4], [1, 1], [10, 10])
     assert all(np.isclose(o.sum(), 1.0) for o in outs) and not np.allclose(outs[0], outs[1])
     assert core.waiting == {}
