@@ -246,3 +246,32 @@ async def test_the_engine_computes_rows_from_the_arena_its_hello_named():
     assert sorted(out) == [1, 2, 3, 4]
     assert np.array_equal(out[1], out[3]) and np.array_equal(out[2], out[4])  # same rows, same answer
     assert not np.array_equal(out[1], out[2])
+
+
+def test_the_supervisor_makes_one_arena_per_api_process_or_none(monkeypatch, caplog):
+    """``--rows-shm-mb``: one memfd of that size per API process; 0, or a system without memfd (or out of
+    memory): none, with a warning, and the rows travel on the socket."""
+    from service import supervisor
+    from service.settings import Settings
+
+    fds = supervisor.make_arenas(Settings(bundle="b", rows_shm_mb=3), 2)
+    try:
+        assert len(fds) == 2 and [os.fstat(fd).st_size for fd in fds] == [3 * row_arena.MIB] * 2
+        assert os.readlink(f"/proc/self/fd/{fds[0]}").startswith("/memfd:mtserve-rows")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert supervisor.make_arenas(Settings(bundle="b", rows_shm_mb=0), 2) == []
+    made: list[int] = []
+
+    def second_fails(size: int) -> int:
+        if made:
+            raise OSError("no memfd here")
+        made.append(os.memfd_create("probe"))
+        return made[-1]
+
+    monkeypatch.setattr(supervisor.row_arena, "create", second_fails)
+    assert supervisor.make_arenas(Settings(bundle="b", rows_shm_mb=3), 2) == []
+    with pytest.raises(OSError):  # the one made before the failure was closed
+        os.fstat(made[0])
+    assert "travel on the socket" in caplog.text
