@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.serving import png, serve
@@ -432,3 +433,38 @@ def test_without_so_reuseport_the_api_processes_share_one_socket(tiny_bundle, tm
         r = httpx.post(url + "/predict/digits", content=png(1), headers=headers, timeout=30)
         assert r.status_code == 200, r.text
         assert "SO_REUSEPORT is not available" in log.read_text()
+
+
+def test_rows_that_do_not_fit_the_shared_memory_travel_on_the_socket_and_answer_the_same(tiny_bundle):
+    """``--rows-shm-mb 1``: a request of 64 rows (768 KiB) fills most of its API process's arena, so
+    requests sent together spill to the socket (counted in ``mtserve_rows_spilled_total``); each
+    still gets exactly the answer it gets alone (through shared memory)."""
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(64, 3, 32, 32)).astype("<f4") for _ in range(4)]
+
+    def infer(client: httpx.Client | httpx.AsyncClient, x: np.ndarray):
+        spec = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+        spec["parameters"] = {"binary_data_size": x.nbytes}
+        header = json.dumps({"inputs": [spec], "outputs": [{"name": "probabilities"}]}).encode()
+        headers = {"inference-header-content-length": str(len(header))}
+        headers["content-type"] = "application/octet-stream"
+        return client.post("/v2/models/digits/infer", content=header + x.tobytes(), headers=headers)
+
+    args = ("--workers", "1", "--rows-shm-mb", "1", "--threads", "1", "--log-level", "warning")
+    with serve(tiny_bundle, *args, "--max-batch-size", "64") as (_proc, url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            alone = [infer(client, x) for x in xs]  # one at a time: each fits
+            assert metric(client.get("/metrics").text, "mtserve_rows_spilled_total") == 0.0
+
+        async def together() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(infer(client, x) for x in xs * 3))
+
+        sent = asyncio.run(together())
+        spilled = metric(httpx.get(url + "/metrics").text, "mtserve_rows_spilled_total")
+    assert all(r.status_code == 200 for r in alone + sent), [
+        r.text for r in alone + sent if r.status_code != 200
+    ]
+    assert spilled >= 1
+    for i, r in enumerate(sent):
+        assert r.json()["outputs"] == alone[i % 4].json()["outputs"], i
