@@ -28,7 +28,6 @@ from service.client_watch import Leaving
 from service.engine_thread import EngineThread
 from service.engine_types import Engine, SegmentRun
 from service.postprocess import softmax_rows
-from service.running_loop import running_loop
 from service.schedule import Batch, Job, collect
 
 log = logging.getLogger("mtserve.batcher")
@@ -91,7 +90,7 @@ class Batcher:
         queued = self._queued_rows
         if queued + n > self.queue_size:
             raise queue_full(queued, self.queue_size)
-        job = Job(task, x, running_loop().create_future(), deadline)
+        job = Job(task, x, asyncio.get_running_loop().create_future(), deadline)
         self.queues[task].append(job)
         self.queued_rows = queued = queued + n
         if self._idle or queued >= self.max_batch_size:  # else the loop is gathering

@@ -24,8 +24,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.running_loop import running_loop
-
 log = logging.getLogger("mtserve.client_watch")
 
 Stop = Callable[[], None]
@@ -99,7 +97,7 @@ class ClientWatch:
         """Watch ``cycle.disconnected``: ``on_gone()`` once it is set, unless the returned stop ran."""
         key = next(self._ids)
         self._probes[key] = (cycle, on_gone)
-        loop = running_loop()
+        loop = asyncio.get_running_loop()
         if self._handle is None or self._loop is not loop:
             self._loop = loop
             self._handle = loop.call_later(self.interval, self._sweep)

@@ -27,7 +27,6 @@ from service import wire
 from service.channel import Channel
 from service.client_watch import Leaving
 from service.row_arena import RowArena
-from service.running_loop import running_loop
 
 log = logging.getLogger("mtserve.engine_client")
 ENGINE_DIED = "the engine process exited; the server is restarting"
@@ -110,7 +109,7 @@ class EngineClient:
         if self.dead is not None:
             raise NotReady(self.dead)
         rid = next(self._ids)
-        fut = running_loop().create_future()
+        fut = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
         return rid, fut
 
@@ -121,7 +120,7 @@ class EngineClient:
         499 (ClientClosed) if ``leaving`` says the client left first (the engine is told to drop the job)."""
         rid, fut = self._open()
         if not self._unsent:
-            running_loop().call_soon(self._send_requests)
+            asyncio.get_running_loop().call_soon(self._send_requests)
         offset = None
         if self.arena is not None:
             x = np.ascontiguousarray(x, dtype=wire.DTYPE)

@@ -41,7 +41,6 @@ from service.engine_status import (
     watch_supervisor,
 )
 from service.gc_tuning import settle_after_start_up
-from service.running_loop import running_loop
 from service.schedule import Job
 from service.served_version import ServedVersion
 from service.server_state import Service
@@ -92,7 +91,7 @@ class EngineCore:
         turn's requests; the API processes read it for their next admissions)."""
         if not self._room_due:
             self._room_due = True
-            running_loop().call_soon(self._publish_room)
+            asyncio.get_running_loop().call_soon(self._publish_room)
 
     def _publish_room(self) -> None:
         self._room_due = False
@@ -193,7 +192,7 @@ class EngineCore:
             self._send(chan, wire.failure_of(rid, exc))
             return
         if not self._outbox:
-            running_loop().call_soon(self._send_results)
+            asyncio.get_running_loop().call_soon(self._send_results)
         self._outbox.setdefault((chan, version), []).append((rid, future.result()))
 
     def _send_results(self) -> None:

@@ -26,7 +26,6 @@ from service import api, errors, oip
 from service.admission import DEADLINE
 from service.errors import send_error
 from service.outer_layer import OuterLayer, content_length
-from service.running_loop import running_loop
 from service.server_state import Service
 
 PREDICT = "/predict/"
@@ -120,7 +119,7 @@ class HotPaths:
         admission = self.admission
         admission.inflight += 1
         scope[DEADLINE] = now + self.timeout
-        me = asyncio.current_task(running_loop())
+        me = asyncio.current_task()
         expired = False
 
         def expire() -> None:

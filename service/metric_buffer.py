@@ -22,8 +22,6 @@ import threading
 from bisect import bisect_left
 from typing import Any
 
-from service.running_loop import running_loop
-
 INTERVAL_S = 0.05
 
 
@@ -69,7 +67,7 @@ class MetricBuffer:
     def _arm(self) -> None:
         if self._handle is None:
             try:
-                loop = running_loop()
+                loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (a synchronous caller): apply now
                 self.flush()
                 return

@@ -21,7 +21,6 @@ from PIL import Image
 from contract.errors import InvalidInput, PayloadTooLarge
 from contract.images import to_rgb
 from contract.manifest import InputSpec
-from service.running_loop import running_loop
 
 # the image formats a request may use: the common web/camera formats. Pillow opens some 40 more
 # (EPS runs Ghostscript; PSD, FITS, ICNS, ... are rarely fuzzed parsers): not from the network
@@ -180,6 +179,6 @@ class Preprocessor:
 
         if (x := self.inline(blobs)) is not None:
             return x
-        loop = running_loop()
+        loop = asyncio.get_running_loop()
         arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, self._one, b) for b in blobs))
         return np.stack(arrays)

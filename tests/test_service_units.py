@@ -304,27 +304,3 @@ def test_gc_is_settled_for_a_server_after_start_up():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
-
-
-def test_running_loop_is_the_loop_running_in_this_thread_and_follows_a_new_one():
-    """service/running_loop.py: the loop asyncio reports, in every loop and thread (uvloop's and
-    asyncio's), a new loop after the one before stopped, and RuntimeError outside a loop."""
-    import asyncio
-    import threading
-
-    import uvloop
-
-    from service.running_loop import running_loop
-
-    async def which() -> bool:
-        return running_loop() is asyncio.get_running_loop() and running_loop() is asyncio.get_running_loop()
-
-    for _ in range(2):  # a new loop each time: the one remembered has stopped
-        assert asyncio.run(which()) and uvloop.run(which())
-    got: list[bool] = []
-    worker = threading.Thread(target=lambda: got.append(uvloop.run(which())))
-    worker.start()
-    worker.join()
-    assert got == [True]
-    with pytest.raises(RuntimeError):
-        running_loop()
