@@ -123,8 +123,7 @@ class EngineClient:
             asyncio.get_running_loop().call_soon(self._send_requests)
         offset = None
         if self.arena is not None:
-            x = np.ascontiguousarray(x, dtype=wire.DTYPE)
-            offset = self.arena.put(x)
+            offset = self.arena.put(wire.tensor_frame(x))
             if offset is None and self.on_spill is not None:
                 self.on_spill()
         self._unsent[rid] = (task, gen, deadline, x, offset)

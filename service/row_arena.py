@@ -94,17 +94,19 @@ class RowArena:
             return 0 if oldest >= n else None
         return head if oldest - head >= n else None  # wrapped: free is [head, oldest)
 
-    def put(self, x: np.ndarray) -> int | None:
-        """Copy ``x`` (C-contiguous) into a free block: its byte offset, or None where it does not fit
-        (then the span doubles, at once if the head can use it, else when it next reaches the span)."""
-        n = -(-x.nbytes // ALIGN) * ALIGN
+    def put(self, x) -> int | None:
+        """Copy ``x`` (a C-contiguous buffer: an array, ``wire.tensor_frame``'s view) into a free block:
+        its byte offset, or None where it does not fit (then the span doubles, at once if the head can
+        use it, else when it next reaches the span)."""
+        data = np.frombuffer(x, dtype=np.uint8)
+        n = -(-data.nbytes // ALIGN) * ALIGN
         if n == 0:
             return None
         if (start := self._place(n)) is None:
             self._grow = self.span < self.size
             if (start := self._place(n)) is None:
                 return None
-        self.bytes[start : start + x.nbytes] = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
+        self.bytes[start : start + data.nbytes] = data
         block = [start, start + n, False]
         self._blocks.append(block)
         self._by_start[start] = block
