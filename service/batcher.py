@@ -67,6 +67,7 @@ class Batcher:
         self._stopping = False
         self._idle = True
         self._free_since = 0.0  # when the engine last finished its work (monotonic)
+        self._timed_out = False  # the gathering timer of :meth:`_fill` fired
         self._in_flight: set[asyncio.Future] = set()  # batches handed to the executor, not yet done
         self._lock = threading.Lock()  # Job.started / Job.abandoned, across loop and executor
 
@@ -197,12 +198,22 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             # or by a timer when the oldest row has waited max_wait (not ``asyncio.wait_for``: a task
-            # and a timeout context per wait, on the event loop, about once per batch at low load)
-            timer = asyncio.get_running_loop().call_later(left, self._wakeup.set)
+            # and a timeout context per wait, on the event loop, about once per batch at low load).
+            # Once it fires the batch goes: uvloop's timers count whole milliseconds (0.4 ms is 0, a
+            # timer due at once), so waiting again for what is left spun the loop, about 90 times for
+            # 0.4 ms, after most batches under load. The wait is max_wait to the loop's precision.
+            self._timed_out = False
+            timer = asyncio.get_running_loop().call_later(left, self._time_out)
             try:
                 await self._wakeup.wait()
             finally:
                 timer.cancel()
+            if self._timed_out:
+                return
+
+    def _time_out(self) -> None:
+        self._timed_out = True
+        self._wakeup.set()
 
     async def _run(self) -> None:
         while True:
@@ -297,7 +308,7 @@ class Batcher:
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         tasks = [job.task for job, a, b in live for _ in range(b - a)]
         logits, runs = self.engine.infer(x, tasks)
-        return live, softmax_rows(logits, tasks), runs
+        return live, softmax_rows(logits), runs
 
     @staticmethod
     def _deliver(slices: list[tuple[Job, int, int]], probs: list[np.ndarray]) -> None:

@@ -199,6 +199,33 @@ async def test_a_gate_given_up_leaves_no_timer_to_wake_the_batcher_later():
     assert not b._wakeup.is_set()
 
 
+def test_a_gathering_wait_below_uvloops_timer_tick_wakes_the_batcher_once():
+    """uvloop's timers count whole milliseconds: a wait of 0.3 ms is a timer due at once. The gate
+    goes when its timer fires instead of arming another for what is left (which spun the loop about
+    90 times for 0.4 ms, after most batches under load)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> int:
+        b = Batcher(FakeEngine(), TASKS, max_batch_size=32, max_wait_ms=2.0)  # loop not started
+        b.submit("digits", rows(1), far())
+        b._free_since = time.monotonic() + 1  # the row arrived while the engine was busy
+        b.queues["digits"][0].enqueued = time.monotonic() - 0.0017  # 0.3 ms of its 2 ms left
+        wakes = 0
+        wakeup_set = b._wakeup.set
+
+        def counted() -> None:
+            nonlocal wakes
+            wakes += 1
+            wakeup_set()
+
+        b._wakeup.set = counted  # type: ignore[method-assign]
+        await asyncio.wait_for(b._fill(), 1)
+        b.executor.shutdown()
+        return wakes
+
+    assert uvloop.run(scenario()) == 1
+
+
 @pytest.mark.parametrize("max_batch_size", [4, 8])
 async def test_loop_is_fair_under_a_flood(max_batch_size):
     b, engine = make(max_batch_size=max_batch_size, max_wait_ms=50)
