@@ -24,6 +24,14 @@ class EmulatedEngine:
         self.seconds = ms / 1000.0
         self.providers = ["EmulatedDevice"]
         self.ready = False
+        # looked up once: per batch only the grouping is left (the metrics' calls), no CPU per row
+        self._variants = [
+            (seg.name, seg.shared, {t: manifest.variant_of(t, seg.name) for t in manifest.tasks})
+            for seg in manifest.segments
+        ]
+        self._logits = {t: np.zeros(len(spec.labels), np.float32) for t, spec in manifest.tasks.items()}
+        for row in self._logits.values():
+            row.flags.writeable = False  # one row per task, handed out for each of its rows
 
     def start(self) -> None:
         self.ready = True
@@ -36,10 +44,10 @@ class EmulatedEngine:
 
     def infer(self, x: np.ndarray, tasks: Sequence[str]) -> tuple[list[np.ndarray], list[SegmentRun]]:
         time.sleep(self.seconds)  # the device is busy; the CPU is not
-        runs = []
-        for seg in self.manifest.segments:
-            groups = group_rows([self.manifest.variant_of(t, seg.name) for t in tasks])
-            calls = [Call(v, len(r), len({tasks[i] for i in r}), seg.shared) for v, r in groups]
-            runs.append(SegmentRun(seg.name, self.seconds / len(self.manifest.segments), calls))
-        widths = {t: len(spec.labels) for t, spec in self.manifest.tasks.items()}
-        return [np.zeros(widths[t], np.float32) for t in tasks], runs
+        runs, seconds = [], self.seconds / len(self._variants)
+        for name, shared, variant in self._variants:
+            groups = group_rows([variant[t] for t in tasks])
+            calls = [Call(v, len(r), len({tasks[i] for i in r}), shared) for v, r in groups]
+            runs.append(SegmentRun(name, seconds, calls))
+        logits = self._logits
+        return [logits[t] for t in tasks], runs

@@ -12,19 +12,28 @@ from contract.plan import group_rows
 FULL_SORT_MAX = 128  # classes up to which one stable argsort costs less than partition + sort of k
 
 
-def softmax_rows(logits: Sequence[np.ndarray], tasks: Sequence[str]) -> list[np.ndarray]:
-    """Softmax per row (rows of one task stacked: one vectorised call per task); NaN-free; float32, as
-    the engine process sends them with ``--workers N``, so an answer does not depend on the layout."""
-    out: list[np.ndarray] = [None] * len(tasks)  # type: ignore[list-item]
-    for _, rows in group_rows(tasks):
-        z = np.stack([logits[r] for r in rows]).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        z = np.nan_to_num(z, nan=0.0).astype(np.float32)  # computed in float64, answered as float32
-        for j, r in enumerate(rows):
-            out[r] = z[j]
+def softmax_rows(logits: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Softmax per row (rows of one width stacked: one vectorised call per width, whatever their tasks:
+    on the device's thread per batch); NaN-free; float32, as the engine process sends them with
+    ``--workers N``, so an answer does not depend on the layout."""
+    if not logits:
+        return []
+    first = len(logits[0])
+    if all(len(row) == first for row in logits):  # the common case: every head of one width
+        return list(_softmax(logits))
+    out: list[np.ndarray] = [None] * len(logits)  # type: ignore[list-item]
+    for _, rows in group_rows([len(row) for row in logits]):
+        for r, p in zip(rows, _softmax([logits[r] for r in rows]), strict=True):
+            out[r] = p
     return out
+
+
+def _softmax(rows: Sequence[np.ndarray]) -> np.ndarray:
+    z = np.array(rows, dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return np.nan_to_num(z, nan=0.0).astype(np.float32)  # computed in float64, answered as float32
 
 
 def top_indices(p: np.ndarray, k: int) -> np.ndarray:

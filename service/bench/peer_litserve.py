@@ -56,7 +56,7 @@ class OnnxChainAPI(_Base):
 
         tasks = [t for t, _ in batch]
         logits, _ = self.engine.infer(np.stack([x for _, x in batch]), tasks)
-        return list(zip(tasks, softmax_rows(logits, tasks), strict=True))
+        return list(zip(tasks, softmax_rows(logits), strict=True))
 
     def unbatch(self, output):
         return output
