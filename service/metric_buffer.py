@@ -10,7 +10,7 @@ everything the process did) and ``interval`` seconds after the first update of a
 nothing waits long for a scrape).
 
 Updates from another thread (a decode in the pool), and all of them until :meth:`MetricBuffer.bind` is
-called, go to prometheus-client directly (``--workers N`` flushes at the end of each turn of the loop:
+called, go to prometheus-client directly (``--workers N`` flushes 10 ms after the first update:
 see :meth:`service.metrics.Metrics.buffer_on_this_thread`). The bulk update
 writes the same values prometheus-client's own ``observe`` would (a test compares the exposition).
 """

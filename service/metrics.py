@@ -24,6 +24,8 @@ from service.engine_types import SegmentRun
 from service.metric_buffer import MetricBuffer
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# how stale another process's counters may be in a scrape with --workers N (docs/operations.md)
+MULTIPROCESS_FLUSH_S = 0.01
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -143,11 +145,12 @@ class Metrics:
     def buffer_on_this_thread(self) -> None:
         """Buffer the per-request updates made on the calling thread (the event loop's). In one process
         a scrape flushes the buffer, so it sees every answer so far, and the buffer waits up to 50 ms
-        for more. With ``--workers N`` a scrape reads the other processes' files, which must be current
-        too: each process applies its updates at the end of the loop's turn that made them (one update
-        per bucket touched for a turn's requests, instead of two per request, each writing the file)."""
+        for more. With ``--workers N`` a scrape reads the other processes' files, which it cannot
+        flush: each process applies its updates at most :data:`MULTIPROCESS_FLUSH_S` after making
+        them (one update per bucket touched for all of them; at the end of each turn of the loop, as
+        before, it was about one locked file write per request in the engine process)."""
         if self.multiprocess:
-            self.buffer.interval = 0.0
+            self.buffer.interval = MULTIPROCESS_FLUSH_S
         self.buffer.bind()
 
     def observe_preprocess(self, seconds: float) -> None:
