@@ -5,6 +5,7 @@ No timing assertions: the figures of a smoke run mean nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 from importlib.util import find_spec
 from pathlib import Path
@@ -118,6 +119,48 @@ def test_the_workers_figure_is_each_layouts_peak_over_the_connection_counts() ->
         round(6000 / 4100, 3),
         round(8000 / 4100, 3),
     ]
+
+
+def test_the_workers_ceiling_is_every_cpu_busy_at_the_rows_cpu_per_request() -> None:
+    """2 CPUs; one API process saturated at 0.140 ms per request; two spending 0.143 + engine 0.017 +
+    wrk 0.020 ms: with both CPUs busy they could serve 2 / 0.180 ms = 11,111 requests/s, 1.556 x the
+    first layout's 7,143: the ratio's ceiling on this machine."""
+    from service.bench.api_cpu import Target
+    from service.bench.workers import _rows
+
+    def rounds(rps, front, engine, loadgen):
+        cpu = {"front_ms": front, "engine_ms": engine, "loadgen_ms": loadgen}
+        return [{"concurrency": 128, "rps": rps, **cpu, "codes": {"200": 9}, "tool": "wrk"}]
+
+    one = Target("workers=1", [], rounds=rounds(7143, 0.140, 0.016, 0.020))
+    two = Target("workers=2", [], rounds=rounds(10000, 0.143, 0.017, 0.020))
+    first, second = _rows([one, two], cpus=2)
+    assert second["cpus_busy"] == 1.8 and first["cpus_busy"] == round(7143 * 0.176 / 1e3, 2)
+    assert second["x_ceiling"] == round(2 / 0.180e-3 / 7143, 3) == 1.556
+    assert second["x_first"] == 1.4
+    assert "x_ceiling" not in _rows([one, two])[1]  # no CPU count, no ceiling
+
+
+def test_a_round_counts_the_load_generators_cpu(monkeypatch) -> None:
+    """``loadgen_ms``: the CPU of the child the round ran (wrk, hey), per request."""
+    import subprocess
+    import sys
+
+    from service.bench import api_cpu
+
+    def busy_child(port, req, n, c, body_file, tool):  # a load generator that burns 0.2 s of CPU
+        burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass"
+        subprocess.run([sys.executable, "-c", burn], check=True)
+        return {"tool": "wrk", "codes": {"200": 100}, "errors": 0, "wall_s": 1.0}
+
+    monkeypatch.setattr(api_cpu, "load", busy_child)
+    monkeypatch.setattr(api_cpu.proc_cpu, "names_of", lambda pid: {})
+    monkeypatch.setattr(api_cpu.proc_cpu.Snapshot, "take", classmethod(lambda cls, pid: None))
+    monkeypatch.setattr(api_cpu.proc_cpu, "by_role", lambda before, after, names: {"front": 0.01})
+    args = argparse.Namespace(requests=100, concurrency=4, loadgen="wrk")
+    row = api_cpu.measure(api_cpu.Target("x", []), 1, 1, args, None, None)
+    assert 2.0 <= row["loadgen_ms"] < 4.0  # 0.2 s (and the interpreter's start) over 100 requests
+    assert row["front_ms"] == 0.1
 
 
 def test_interleaved_rounds_measure_each_server_at_every_connection_count(monkeypatch) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -169,11 +170,20 @@ async def _own_load(port: int, request: bytes, n: int, c: int) -> dict[str, int]
     return codes
 
 
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(t: Target, port: int, pid: int, args, req: wrk.Request, body_file: Path) -> dict:
-    """One round of one server: CPU per request by role (ms), requests/s, status codes."""
+    """One round of one server: CPU per request by role (ms), the load generator's included
+    (``loadgen_ms``: wrk's or hey's, a child reaped by the round; the project's own runs in this
+    process), requests/s, status codes."""
     names = proc_cpu.names_of(pid)
     before = proc_cpu.Snapshot.take(pid)
+    mine = _cpu_seconds(resource.RUSAGE_CHILDREN), _cpu_seconds(resource.RUSAGE_SELF)
     got = load(port, req, args.requests, args.concurrency, body_file, args.loadgen)
+    spent = _cpu_seconds(resource.RUSAGE_CHILDREN) - mine[0], _cpu_seconds(resource.RUSAGE_SELF) - mine[1]
     after = proc_cpu.Snapshot.take(pid)
     for p, n in proc_cpu.names_of(pid).items():  # threads started during the run
         names.setdefault(p, {}).update(n)
@@ -181,6 +191,7 @@ def measure(t: Target, port: int, pid: int, args, req: wrk.Request, body_file: P
     n = sum(got["codes"].values()) or args.requests  # hey sends n // c per connection, wrk a few more
     row = {"server": t.name, "requests": n, "rps": round(n / got["wall_s"], 1)}
     row |= {f"{k}_ms": round(v / n * 1e3, 4) for k, v in cpu.items()}
+    row["loadgen_ms"] = round((spent[1] if got["tool"] == "python" else spent[0]) / n * 1e3, 4)
     row |= {"codes": {str(k): v for k, v in got["codes"].items()}, "errors": got["errors"]}
     row["tool"] = got["tool"]
     row["loadavg"] = round(os.getloadavg()[0], 2)

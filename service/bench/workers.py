@@ -11,6 +11,12 @@ peaks at fewer connections than another: measured here, one API process at 64 to
 within noise, two from 4,600-5,100 requests/s at 64 to 6,900-8,350 at 512). The figure: that
 throughput per workers value and its ratio to the first value's (1 worker by default); every point is
 in the table.
+
+The load generator shares the machine's CPUs, and so does the engine process: each row also says
+what the load generator spent per request (its CPU time, a reaped child's), how many CPUs were busy,
+and the ratio the machine allows at best at that CPU per request (``x_ceiling``): on 2 cores, 2 API
+processes, the engine process and wrk share them, so the ratio cannot pass 2 x API / (API + engine +
+wrk) however the front scales.
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ from service.bench import api_cpu, machine, report, server, wrk
 from service.bench.machine import describe
 from service.precision import int8_flags
 
+CEILING_NOTE = (
+    "- loadgen_ms: the load generator's CPU per request, on the same CPUs; cpus_busy: what the server, its "
+    "engine process and the load generator kept busy; x_ceiling: requests/s with every usable CPU busy at "
+    "this row's CPU per request, over the first server's peak (the most x_first can be on this machine)\n"
+)
 PER_CONNECTION = 16  # requests per connection in a round, at least (--requests is raised to it)
 
 
@@ -65,10 +76,13 @@ def _target(bundle: Path, workers: int, args) -> api_cpu.Target:
     return t
 
 
-def _rows(targets: list[api_cpu.Target]) -> list[dict]:
+def _rows(targets: list[api_cpu.Target], cpus: int | None = None) -> list[dict]:
     """Per server and connection count the medians over rounds; per server its best row (the most
     requests/s: its throughput at saturation) is ``peak``; ``x_first``: requests/s over the first
-    server's peak."""
+    server's peak. With ``cpus`` (the usable CPUs): ``cpus_busy``, the CPUs the server, its engine
+    process and the load generator kept busy (requests/s x their CPU per request), and ``x_ceiling``,
+    the requests/s that CPU per request allows with all ``cpus`` busy over the first server's peak:
+    the most the machine lets this layout reach, whatever the front does."""
     rows = []
     for t in targets:
         levels = sorted({r["concurrency"] for r in t.rounds})
@@ -76,8 +90,8 @@ def _rows(targets: list[api_cpu.Target]) -> list[dict]:
         for c in levels:
             at = [r for r in t.rounds if r["concurrency"] == c]
             row = {"server": t.name, "connections": c, "rounds": len(at)}
-            for key in ("rps", "front_ms", "engine_ms"):
-                row[key] = round(statistics.median(r[key] for r in at), 3)
+            for key in ("rps", "front_ms", "engine_ms", "loadgen_ms"):
+                row[key] = round(statistics.median(r.get(key, 0.0) for r in at), 4)
             row["codes"] = at[-1]["codes"]
             row["tool"] = at[-1]["tool"]
             mine.append(row)
@@ -88,6 +102,10 @@ def _rows(targets: list[api_cpu.Target]) -> list[dict]:
     base = next(row["rps"] for row in rows if row["peak"]) or float("nan")
     for row in rows:
         row["x_first"] = round(row["rps"] / base, 3)
+        spent_ms = row["front_ms"] + row["engine_ms"] + row["loadgen_ms"]
+        if cpus and spent_ms > 0:
+            row["cpus_busy"] = round(row["rps"] * spent_ms / 1e3, 2)
+            row["x_ceiling"] = round(cpus * 1e3 / spent_ms / base, 3)
     return rows
 
 
@@ -135,15 +153,15 @@ def run_workers(args) -> dict:
     contention = {"start": machine.contention()}  # what two busy CPUs are worth now (see there)
     api_cpu.interleaved(targets, args, levels, req, "rps", "{:.0f} requests/s")
     contention["end"] = machine.contention()
-    rows = _rows(targets)
+    rows = _rows(targets, result["machine"].get("usable_cpus"))
     result |= {"rows": rows, "rounds": [r for t in targets for r in t.rounds], "contention": contention}
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     peaks = [row for row in rows if row["peak"]]
     result["figure"] = {
-        row["server"]: {"rps": row["rps"], "x_first": row["x_first"], "connections": row["connections"]}
+        row["server"]: {k: row[k] for k in ("rps", "x_first", "x_ceiling", "connections") if k in row}
         for row in peaks
     }
     names, rps = [r["server"] for r in peaks], [r["rps"] for r in peaks]
-    md = report.table(rows, list(rows[0])) + "\n" + _capacity_line(contention)
+    md = report.table(rows, list(rows[0])) + "\n" + _capacity_line(contention) + CEILING_NOTE
     report.write(Path(args.out), "workers", result, md, lambda ax: report.bars(ax, names, rps, "requests/s"))
     return result
