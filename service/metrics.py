@@ -24,7 +24,7 @@ from service.engine_types import SegmentRun
 from service.metric_buffer import MetricBuffer
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# how stale another process's counters may be in a scrape with --workers N (docs/operations.md)
+# how stale the other processes' series may be in a scrape with --workers N (docs/server.md)
 MULTIPROCESS_FLUSH_S = 0.01
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
