@@ -12,6 +12,7 @@ import uvicorn
 from service.app import create_app
 from service.engine_status import StatusBlock
 from service.front_service import FrontService
+from service.http_protocol import OneWriteProtocol
 from service.row_arena import RowArena
 from service.settings import Settings
 
@@ -46,7 +47,12 @@ def serve_api(
                 self._captured_signals.clear()  # a drained shutdown exits 0
 
     config = uvicorn.Config(
-        app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None, lifespan="on"
+        app,
+        http=OneWriteProtocol,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=None,
+        lifespan="on",
     )
     server = Server(config)
 

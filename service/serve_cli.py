@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.engine_thread import favour_engine_thread
+    from service.http_protocol import OneWriteProtocol
 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=fmt)
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=None,
         workers=1,
+        http=OneWriteProtocol,
     )
     server = Server(config)
     server.run()
