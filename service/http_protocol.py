@@ -5,7 +5,8 @@ body when it sends ``http.response.body``: two ``transport.write`` calls, and uv
 That was two ``write`` system calls and two TCP segments per answer (strace of an API process under
 ``/v2`` load: 12,134 writes for 6,261 requests), and the client reads twice. :class:`OneWriteProtocol`
 hands uvicorn a :class:`TurnTransport` instead, which keeps what is written during one turn of the
-event loop and sends it at the end of that turn, in one write; ``close`` sends what it holds first.
+event loop and sends it in one write as soon as that turn is over (a callback queued for the loop's
+next pass, which does not wait); ``close`` sends what it holds first.
 """
 
 from __future__ import annotations
