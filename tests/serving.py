@@ -17,8 +17,11 @@ import numpy as np
 from PIL import Image
 
 from service.bench.server import free_port
+from service.metrics import MULTIPROCESS_FLUSH_S
 
 ROOT = Path(__file__).resolve().parents[1]
+# with --workers N a scrape sees another process's updates once they are at most this old
+METRICS_LAG_S = 3 * MULTIPROCESS_FLUSH_S
 
 
 def png(seed: int) -> bytes:

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving import png, serve
+from tests.serving import METRICS_LAG_S, png, serve
 
 TASKS = ["digits", "animals", "shapes"]
 
@@ -82,6 +82,8 @@ def test_client_that_disconnects_is_never_computed(server, tiny_bundle):
         if 'code="499",task="digits"' in text:
             break
         time.sleep(0.05)
+    time.sleep(METRICS_LAG_S)  # the engine's last batch, in another process's files with --workers N
+    text = httpx.get(url + "/metrics").text
     assert metric(text, re.escape('mtserve_requests_total{code="499",task="digits"}')) == 1
     assert metric(text, re.escape(trunk_rows)) - before == 14 * 64  # the lone row never computed
 
@@ -114,6 +116,7 @@ def test_cross_task_batches_equal_requests_alone_then_graceful_shutdown(server):
                 burst = [(t, i) for i in range(len(images)) for t in TASKS] * 2
                 jobs += burst
                 together += await asyncio.gather(*(predict(client, t, images[i]) for t, i in burst))
+                await asyncio.sleep(METRICS_LAG_S)  # every process's updates, with --workers N
                 after = (await client.get("/metrics")).text
                 if mixed(after) >= 1:
                     break

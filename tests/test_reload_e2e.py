@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.metrics import MULTIPROCESS_FLUSH_S
-from tests.serving import png, serve
+from tests.serving import METRICS_LAG_S, png, serve
 from tests.test_e2e_service import TASKS
 from tests.test_reload import TOKEN, make_model_dir
 
@@ -73,7 +72,7 @@ def test_reloads_under_load_fail_no_request(server):
             await asyncio.sleep(0.4)
             stop.set()
             await asyncio.gather(*workers)
-            await asyncio.sleep(3 * MULTIPROCESS_FLUSH_S)  # the other processes' last updates
+            await asyncio.sleep(METRICS_LAG_S)  # the other processes' last updates
             metrics = (await client.get("/metrics")).text
         return metrics
 

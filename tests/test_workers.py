@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving import png, serve
+from tests.serving import METRICS_LAG_S, png, serve
 
 TASKS = ["digits", "animals", "shapes"]
 TRUNK_ROWS = 'mtserve_batch_size_sum{segment="trunk"}'  # observed once a batch has run
@@ -128,6 +128,7 @@ def test_one_batcher_mixes_the_requests_of_every_api_process(emulated):
                     await c.aclose()
                 if set(answered_by_pid(run)) >= apis:
                     break
+            await asyncio.sleep(METRICS_LAG_S)
             return before, (await probe.get("/metrics")).text
 
     before, after = asyncio.run(scenario())
@@ -178,6 +179,7 @@ def test_a_client_that_leaves_is_not_computed(emulated):
 
     async def scenario() -> tuple[float, float]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+            await asyncio.sleep(METRICS_LAG_S)  # earlier tests' last batches in the files
             text = (await probe.get("/metrics")).text
             before = metric(text, TRUNK_ROWS)
             busy = asyncio.ensure_future(post(probe, "digits"))
